@@ -1,0 +1,211 @@
+"""The training config: one YAML file with sections data, model, train, output, validated by pydantic.
+
+`load_config(path, overrides)` is the one entry point; every error comes out as a `ConfigError` whose
+message names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from seg.errors import ConfigError
+from seg.preprocess import Normalization
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Transform(Section):
+    """One albumentations transform: its class name and keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class DataConfig(Section):
+    format: Literal["folder", "voc"] = "folder"
+    root: Path
+    images: str = "images"
+    masks: str = "masks"
+    train_list: Path | None = None
+    val_list: Path | None = None
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    classes: list[str] | None = None
+    palette: list[list[int]] | None = None
+    mask_mode: Literal["auto", "index", "binary"] = "auto"
+    ignore_index: int = 255
+    in_channels: int = Field(3, ge=1)
+    normalize: Normalization = Field(default_factory=Normalization)
+    crop_size: int = Field(256, ge=8)
+    augment: list[Transform] | Literal["default", "none"] = "default"
+    kind: Literal["em", "natural"] | None = None
+    cache: bool = True
+
+    @field_validator("palette")
+    @classmethod
+    def _rgb(cls, palette):
+        for colour in palette or []:
+            if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+                raise ValueError(f"palette colours are [r, g, b] in 0..255, got {colour}")
+        return palette
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.classes is None:
+            self.classes = list(VOC_CLASSES) if self.format == "voc" else ["background", "foreground"]
+        if len(self.classes) < 2:
+            raise ValueError("classes needs at least two names (background and one more)")
+        if self.palette is not None and len(self.palette) < len(self.classes):
+            raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes")
+        if self.kind is None:
+            self.kind = "natural" if self.format == "voc" or self.in_channels == 3 else "em"
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class ModelConfig(Section):
+    arch: Literal["unet", "refinenet", "refinenet_lw"] = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: Path | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(50, ge=1)
+    time_limit_minutes: float | None = Field(None, gt=0)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["cosine", "poly", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    loss: Literal["ce", "dice", "dice_ce", "focal"] = "dice_ce"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = None
+    num_workers: int = Field(0, ge=0)
+    val_every: int = Field(1, ge=1)
+    metric: Literal["miou", "dice", "pixel_accuracy", "loss"] = "miou"
+    threads: int | None = Field(None, ge=1)
+
+
+class OutputConfig(Section):
+    dir: Path = Path("runs/run")
+    tile_size: int = Field(512, ge=32)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    overlays: int = Field(4, ge=0)
+
+
+class Config(Section):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Arguments for `seg.models.build_model`."""
+        return dict(
+            arch=self.model.arch,
+            encoder=self.model.encoder,
+            classes=self.data.num_classes,
+            in_channels=self.data.in_channels,
+            encoder_weights=self.model.encoder_weights,
+            **self.model.options,
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides, validate. Relative paths (data.root,
+    output.dir, model.encoder_weights) are taken relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections data, model, train, output")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return validate_config(raw, path)
+
+
+def validate_config(raw: dict[str, Any], path: str | Path = "<config>") -> Config:
+    base = Path(path).parent
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{path}: {key}: {msg}") from None
+    _resolve_paths(cfg, base, path)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base: Path, path: str | Path) -> None:
+    if not cfg.output.dir.is_absolute():
+        cfg.output.dir = (base / cfg.output.dir).resolve()
+    data = cfg.data
+    if not data.root.is_absolute():
+        data.root = (base / data.root).resolve()
+    if not data.root.is_dir():
+        raise ConfigError(f"{path}: data.root: no such folder {data.root}")
+    for key in ("train_list", "val_list"):
+        value = getattr(data, key)
+        if value is not None:
+            value = value if value.is_absolute() else data.root / value
+            if not value.is_file():
+                raise ConfigError(f"{path}: data.{key}: no such file {value}")
+            setattr(data, key, value)
+    weights = cfg.model.encoder_weights
+    if weights is not None:
+        weights = weights if weights.is_absolute() else (base / weights).resolve()
+        if not weights.is_file():
+            raise ConfigError(f"{path}: model.encoder_weights: no such file {weights}")
+        cfg.model.encoder_weights = weights
+
+
+def apply_override(raw: dict[str, Any], item: str, path: str | Path = "<config>") -> None:
+    """Set `a.b.c=value` in a nested mapping; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=10")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: --set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A YAML/JSON-safe dict of the resolved config."""
+    return cfg.model_dump(mode="json")

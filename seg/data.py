@@ -1,0 +1,229 @@
+"""Data sets for training: a folder of images and masks, or a PASCAL VOC tree.
+
+`find_samples` lists (image, mask) pairs and splits them; `check_samples` reads every pair once before
+training so a bad file is reported up front; `SegmentationDataset` yields normalised, augmented crops.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from seg.config import DataConfig
+from seg.errors import DataError, ImageError
+from seg.imageio import is_image_file, read_image, read_mask, to_channels
+from seg.preprocess import normalize
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    image: Path
+    mask: Path
+
+
+def find_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) sample lists for the config's data section."""
+    if data.format == "voc":
+        return _voc_samples(data)
+    return _folder_samples(data)
+
+
+def _pairs(root: Path, images: str, masks: str) -> dict[str, Sample]:
+    image_dir, mask_dir = root / images, root / masks
+    for folder, key in ((image_dir, "data.images"), (mask_dir, "data.masks")):
+        if not folder.is_dir():
+            raise DataError(f"{key}: no such folder {folder}")
+    masks_by_stem = {p.stem: p for p in sorted(mask_dir.rglob("*")) if is_image_file(p)}
+    pairs = {}
+    for image in sorted(image_dir.rglob("*")):
+        if not is_image_file(image):
+            continue
+        name = str(image.relative_to(image_dir).with_suffix(""))
+        mask = mask_dir / Path(name).parent / masks_by_stem.get(image.stem, Path("")).name
+        if not mask.is_file():
+            mask = masks_by_stem.get(image.stem)
+        if mask is None:
+            raise DataError(f"{image}: no mask with stem {image.stem!r} in {mask_dir}")
+        pairs[name] = Sample(name, image, mask)
+    if not pairs:
+        raise DataError(f"data.images: no images in {image_dir}")
+    return pairs
+
+
+def _folder_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    root = data.root
+    if (root / "train" / data.images).is_dir() and (root / "val" / data.images).is_dir():
+        train = list(_pairs(root / "train", data.images, data.masks).values())
+        val = list(_pairs(root / "val", data.images, data.masks).values())
+        return _nonempty(train, "train", root), _nonempty(val, "val", root)
+    pairs = _pairs(root, data.images, data.masks)
+    if data.train_list or data.val_list:
+        train = _listed(pairs, data.train_list) if data.train_list else None
+        val = _listed(pairs, data.val_list) if data.val_list else []
+        if train is None:
+            taken = {s.name for s in val}
+            train = [s for s in pairs.values() if s.name not in taken]
+        return _nonempty(train, "train", root), val
+    names = sorted(pairs)
+    random.Random(0).shuffle(names)
+    n_val = int(round(len(names) * data.val_fraction))
+    if data.val_fraction > 0 and len(names) > 1:
+        n_val = max(1, n_val)
+    val = sorted(names[:n_val])
+    train = sorted(names[n_val:])
+    return _nonempty([pairs[n] for n in train], "train", root), [pairs[n] for n in val]
+
+
+def _listed(pairs: dict[str, Sample], list_file: Path) -> list[Sample]:
+    by_stem = {Path(name).name: s for name, s in pairs.items()}
+    out = []
+    for line in list_file.read_text().split():
+        sample = pairs.get(line) or by_stem.get(Path(line).stem)
+        if sample is None:
+            raise DataError(f"{list_file}: {line!r} has no image and mask pair")
+        out.append(sample)
+    return out
+
+
+def _voc_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    root = data.root
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            root = candidate
+            break
+    else:
+        raise DataError(f"data.root: {data.root} holds no VOC2012 tree (JPEGImages, SegmentationClass)")
+    sets = root / "ImageSets" / "Segmentation"
+
+    def split(name: str, list_file: Path | None) -> list[Sample]:
+        list_file = list_file or sets / f"{name}.txt"
+        if not list_file.is_file():
+            raise DataError(f"VOC split file missing: {list_file}")
+        ids = list_file.read_text().split()
+        return [Sample(i, root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+
+    train = split("train", data.train_list)
+    val = split("val", data.val_list)
+    return _nonempty(train, "train", root), val
+
+
+def _nonempty(samples: list[Sample], split: str, root: Path) -> list[Sample]:
+    if not samples:
+        raise DataError(f"the {split} split of {root} is empty")
+    return samples
+
+
+def encode_mask(raw: np.ndarray, data: DataConfig, path: Path | str = "mask") -> np.ndarray:
+    """Class indices (int64) from a mask file's values; 0/255 masks become 0/1 in binary mode.
+
+    Raises DataError for values that are neither a class index nor the ignore index."""
+    binary = data.mask_mode == "binary"
+    if data.mask_mode == "auto" and data.num_classes == 2 and raw.max(initial=0) > 1:
+        binary = bool(np.isin(np.unique(raw), (0, 255)).all())
+    mask = (raw > 0).astype(np.int64) if binary else raw.astype(np.int64)
+    bad = (mask >= data.num_classes) & (mask != data.ignore_index) | (mask < 0)
+    if bad.any():
+        values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
+        raise DataError(
+            f"{path}: mask values {values} are outside classes 0..{data.num_classes - 1}"
+            f" (ignore index {data.ignore_index})"
+        )
+    return mask
+
+
+def load_pair(sample: Sample, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The image (H, W, C) in its own dtype and the mask (H, W) int64, checked against each other."""
+    try:
+        image = to_channels(read_image(sample.image), data.in_channels)
+    except ImageError as err:
+        raise DataError(str(err) if str(sample.image) in str(err) else f"{sample.image}: {err}") from None
+    try:
+        raw = read_mask(sample.mask)
+    except ImageError as err:
+        raise DataError(str(err)) from None
+    if raw.shape[:2] != image.shape[:2]:
+        raise DataError(
+            f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but image {sample.image.name} is "
+            f"{image.shape[1]}x{image.shape[0]}"
+        )
+    return image, encode_mask(raw, data, sample.mask)
+
+
+def check_samples(samples: list[Sample], data: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read every pair once (raises DataError naming the first bad file); returns them if caching."""
+    cache = {}
+    for sample in samples:
+        pair = load_pair(sample, data)
+        if data.cache:
+            cache[sample.name] = pair
+    return cache
+
+
+class SegmentationDataset(Dataset):
+    """Normalised (C, H, W) float32 images and (H, W) int64 masks, augmented by `transform`."""
+
+    def __init__(self, samples: list[Sample], data: DataConfig, transform=None, cache: dict | None = None):
+        self.samples = samples
+        self.data = data
+        self.transform = transform
+        self.cache = cache or {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        sample = self.samples[index]
+        pair = self.cache.get(sample.name)
+        return pair if pair is not None else load_pair(sample, self.data)
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(index)
+        x = normalize(image, self.data.normalize).transpose(1, 2, 0)
+        if self.transform is not None:
+            out = self.transform(image=x, mask=mask)
+            x, mask = out["image"], out["mask"]
+        x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return x, torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+def build_augmentation(data: DataConfig, seed: int = 0):
+    """The albumentations pipeline for training crops: the config's list, or defaults for the data kind."""
+    import albumentations as A
+    import cv2
+
+    size = data.crop_size
+    if data.augment == "none":
+        steps = [A.PadIfNeeded(size, size, border_mode=cv2.BORDER_REFLECT_101), A.RandomCrop(size, size)]
+    elif data.augment == "default" and data.kind == "em":
+        steps = [
+            A.PadIfNeeded(size, size, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(size, size),
+            A.SquareSymmetry(),
+            A.ElasticTransform(alpha=30, sigma=5, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ]
+    elif data.augment == "default":
+        steps = [
+            A.RandomScale(scale_limit=(-0.5, 1.0), p=1.0),
+            A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=data.ignore_index),
+            A.RandomCrop(size, size),
+            A.HorizontalFlip(),
+        ]
+    else:
+        steps = []
+        for i, spec in enumerate(data.augment):
+            kwargs = spec.model_dump(exclude={"name"})
+            cls = getattr(A, spec.name, None)
+            if cls is None or not isinstance(cls, type):
+                raise DataError(f"data.augment.{i}.name: albumentations has no transform {spec.name!r}")
+            try:
+                steps.append(cls(**kwargs))
+            except (TypeError, ValueError) as err:
+                raise DataError(f"data.augment.{i} ({spec.name}): {err}") from None
+    return A.Compose(steps, seed=seed)

@@ -1,0 +1,216 @@
+"""Reading images and masks, converting channels, writing results atomically.
+
+Images come back as numpy arrays in their own dtype (uint8, uint16, float32), shaped (H, W) for grey and
+(H, W, C) otherwise. Nothing here normalises: that is `seg.preprocess`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from seg.errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a PNG, JPEG, BMP or TIFF (8/16-bit, grey, RGB(A) or multi-channel) as an array."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return _read_tiff(path)
+    try:
+        with Image.open(path) as im:
+            return pil_to_array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{path}: cannot read image ({err})") from None
+
+
+def decode_image(data: bytes, name: str = "upload") -> np.ndarray:
+    """Decode image bytes (any format `read_image` takes)."""
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        import tifffile
+
+        try:
+            return _tiff_pages_to_array(tifffile.imread(io.BytesIO(data)))
+        except Exception as err:  # tifffile raises many types for broken files
+            raise ImageError(f"{name}: cannot read TIFF ({err})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return pil_to_array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{name}: cannot read image ({err})") from None
+
+
+def pil_to_array(im: Image.Image) -> np.ndarray:
+    """A loaded PIL image as an array; palette images become RGB, 16-bit stays 16-bit."""
+    im.load()
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("L" if im.mode == "1" else "RGB")
+    elif im.mode == "LA":
+        im = im.convert("RGBA")
+    arr = np.asarray(im)
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        arr = arr.astype(np.uint16)
+    elif im.mode == "I":
+        arr = arr.astype(np.int64).clip(0, 65535).astype(np.uint16)
+    return arr
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        return _tiff_pages_to_array(tifffile.imread(path))
+    except Exception as err:  # tifffile raises many types for broken files
+        raise ImageError(f"{path}: cannot read TIFF ({err})") from None
+
+
+def _tiff_pages_to_array(arr: np.ndarray) -> np.ndarray:
+    """Channel-first stacks (C, H, W) with few channels become (H, W, C)."""
+    if arr.ndim == 3 and arr.shape[0] <= 8 and arr.shape[2] > 8:
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim not in (2, 3):
+        raise ImageError(f"unsupported TIFF layout with shape {arr.shape}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a label mask as (H, W) integers; palette PNGs give their indices, not colours."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such mask file")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        arr = _read_tiff(path)
+    else:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im) if im.mode in ("P", "L", "I;16", "I", "1") else pil_to_array(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"{path}: cannot read mask ({err})") from None
+    if arr.ndim == 3:
+        if not np.all(arr == arr[..., :1]):
+            raise ImageError(f"{path}: mask has {arr.shape[2]} different channels; expected class indices")
+        arr = arr[..., 0]
+    return np.asarray(arr)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Convert (H, W) or (H, W, C) to (H, W, channels): grey is repeated, RGB(A) to grey by luminance,
+    alpha dropped. Anything else must already have `channels` channels."""
+    if image.ndim == 2:
+        image = image[..., None]
+    have = image.shape[2]
+    if have == channels:
+        return image
+    if have == 1:
+        return np.repeat(image, channels, axis=2)
+    if channels == 1 and have in (3, 4):
+        rgb = image[..., :3].astype(np.float32)
+        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return grey.astype(image.dtype)[..., None] if image.dtype != np.float32 else grey[..., None]
+    if channels == 3 and have == 4:
+        return image[..., :3]
+    raise ImageError(f"image has {have} channels; the model takes {channels}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, else removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_mask(path: str | Path, mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> None:
+    """Write a label mask atomically: a palette PNG when a palette is given, else grey PNG or TIFF."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            tifffile.imwrite(tmp, mask, compression="zlib")
+        else:
+            mask_image(mask, palette).save(tmp, format="PNG")
+
+
+def mask_image(mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> Image.Image:
+    """A PIL image of a mask: palette mode ('P') when a palette is given."""
+    if mask.max(initial=0) > 255:
+        return Image.fromarray(mask.astype(np.uint16))
+    im = Image.fromarray(mask.astype(np.uint8), mode="L")
+    if palette:
+        im = im.convert("P")
+        flat = [c for rgb in palette for c in rgb][: 256 * 3]
+        im.putpalette(flat + [0] * (256 * 3 - len(flat)))
+    return im
+
+
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """An RGB picture of a mask; values outside the palette are black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
+    return table[np.clip(mask, 0, 255).astype(np.uint8)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Blend the coloured mask into the image (as 8-bit RGB); class 0 is left uncoloured."""
+    rgb = to_display_rgb(image)
+    colours = colorize(mask, palette).astype(np.float32)
+    out = rgb.astype(np.float32)
+    sel = mask > 0
+    out[sel] = (1 - alpha) * out[sel] + alpha * colours[sel]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def to_display_rgb(image: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB view of any image: 16-bit and float images are stretched by percentiles."""
+    img = to_channels(image, 3) if image.ndim == 2 or image.shape[2] in (1, 4) else image[..., :3]
+    if img.dtype == np.uint8:
+        return img
+    img = img.astype(np.float32)
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    return ((img - lo) / max(hi - lo, 1e-6) * 255).clip(0, 255).astype(np.uint8)
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """The PASCAL VOC colour map, which extends to any number of classes."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append([r, g, b])
+    return palette

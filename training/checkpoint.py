@@ -1,0 +1,87 @@
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, loadable with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from seg.errors import SegError
+from seg.imageio import atomic_path
+from seg.models import SegModel, build_model
+
+FORMAT = "seg-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint file, or a run folder (its checkpoints/best.pt, else last.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (which, "last", "best"):
+            candidate = path / "checkpoints" / f"{name}.pt"
+            if candidate.is_file():
+                return candidate
+        raise SegError(f"{path}: no checkpoints/best.pt or last.pt in this run folder")
+    if not path.is_file():
+        raise SegError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+def load_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
+    path = resolve_checkpoint(path, which)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise SegError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise SegError(f"{path}: not a seg checkpoint")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> SegModel:
+    kwargs = dict(ckpt["model_kwargs"])
+    kwargs.pop("encoder_weights", None)
+    model = build_model(**kwargs)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def torch_runner(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> Callable:
+    """The model as a tiled predictor's `run`: NCHW float32 numpy -> logits numpy."""
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        return logits.float().cpu().numpy()
+
+    return run
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    random.setstate(state["python"])

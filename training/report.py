@@ -1,0 +1,58 @@
+"""Pictures of a run: the metrics plot and image | truth | prediction overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from seg.imageio import atomic_path, colorize, overlay, to_display_rgb
+
+
+def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss (left) and validation metrics (right) per epoch, as a PNG."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (NLL)")):
+        xs = [e for e, row in zip(epochs, history) if row.get(key) is not None]
+        if xs:
+            ax_loss.plot(xs, [row[key] for row in history if row.get(key) is not None], label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    for key in ("val_miou", "val_dice", "val_pixel_accuracy"):
+        xs = [e for e, row in zip(epochs, history) if row.get(key) is not None]
+        if xs:
+            ax_metric.plot(xs, [row[key] for row in history if row.get(key) is not None], label=key[4:])
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylim(0, 1)
+    ax_metric.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_overlays(trainer, run, folder: Path, count: int) -> None:
+    """For the first `count` validation images: image | truth overlay | prediction overlay."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(count, len(trainer.val_set))):
+        raw, mask = trainer.val_set.load(i)
+        image, _ = trainer.val_set[i]
+        pred = trainer.predict_probs(image.numpy(), run).argmax(0)
+        truth = np.where(mask == trainer.cfg.data.ignore_index, 0, mask)
+        panels = [to_display_rgb(raw), overlay(raw, truth, trainer.palette), overlay(raw, pred, trainer.palette)]
+        if trainer.cfg.data.num_classes == 2:
+            panels[1:] = [colorize(truth, trainer.palette), colorize(pred, trainer.palette)]
+        name = trainer.val_samples[i].name.replace("/", "_")
+        with atomic_path(folder / f"{name}.png") as tmp:
+            Image.fromarray(np.concatenate(panels, axis=1)).save(tmp, format="PNG")
