@@ -1,25 +1,24 @@
 """Tiled prediction with seamless blending: the one place where an image is cut into tiles.
 
-The image is read band by band (`read_rows`), so an image of any height costs memory for about two tile
-rows only. Around the image, a margin of half the overlap is filled by reflection, so that no image pixel
+The image is read band by band (`read_rows`), so an image of any height costs memory for about one tile
+row only. Around the image, a margin of half the overlap is filled by reflection, so that no image pixel
 lies on a tile's outer edge. Tiles run in batches; their class probabilities are weighted by a Gaussian
-(sigma = tile / 8, as nnU-Net) and averaged; finished rows are handed to `emit` as soon as no later tile
-touches them.
+(sigma = tile / 8, as nnU-Net) and averaged; finished rows are yielded as soon as no later tile touches
+them.
 
     read_rows(y0, y1) -> (C, y1 - y0, W) float32      normalised image rows
     run(batch NCHW float32) -> (N, K, h, w) logits    the model
-    emit(y0, probs (K, rows, W) float32)              finished rows, top to bottom
+    yields (y0, probs (K, rows, W) float32)           finished rows, top to bottom
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 RowReader = Callable[[int, int], np.ndarray]
 Runner = Callable[[np.ndarray], np.ndarray]
-RowSink = Callable[[int, np.ndarray], None]
 
 
 def tile_starts(length: int, tile: int, step: int) -> list[int]:
@@ -108,7 +107,6 @@ def predict_tiled(
     height: int,
     width: int,
     run: Runner,
-    emit: RowSink,
     tile: int = 512,
     overlap: float = 0.25,
     batch_size: int = 4,
@@ -116,13 +114,12 @@ def predict_tiled(
     tta: bool = False,
     blend: str = "gaussian",
     on_tiles: Callable[[int], None] | None = None,
-) -> None:
+) -> Iterator[tuple[int, np.ndarray]]:
     """Predict an image of `height` x `width` by overlapping tiles; see the module docstring.
 
     Args:
         read_rows: returns normalised rows [y0, y1) of the image, (C, rows, width) float32.
         run: the model, NCHW float32 -> (N, K, h, w) logits; h, w are multiples of `multiple`.
-        emit: receives finished rows as (y0, probabilities of shape (K, rows, width)).
         tile: tile side in pixels (rounded up to `multiple`; smaller for a small image).
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         batch_size: tiles per call of `run`.
@@ -130,6 +127,9 @@ def predict_tiled(
         tta: average over flips.
         blend: "gaussian" (no seams) or "constant" (plain average).
         on_tiles: called with the number of tiles just finished (for progress bars).
+
+    Yields:
+        (y0, probabilities of shape (K, rows, width)) for finished rows, top to bottom.
     """
     grid = tile_grid(height, width, tile, overlap, multiple)
     th, tw, margin = grid["tile_y"], grid["tile_x"], grid["margin"]
@@ -159,7 +159,7 @@ def predict_tiled(
         if hi > lo:
             rows = slice(lo - top, hi - top)
             out = acc[:, rows, margin : margin + width] / wsum[rows, margin : margin + width]
-            emit(lo - margin, out)
+            yield lo - margin, out
         keep = top + th - done
         acc[:, :keep] = acc[:, done - top : done - top + keep]
         wsum[:keep] = wsum[done - top : done - top + keep]
@@ -178,8 +178,5 @@ def _read_canvas_rows(read_rows: RowReader, y0: int, y1: int, margin: int, heigh
 def predict_array(image: np.ndarray, run: Runner, **options) -> np.ndarray:
     """Tiled prediction of a whole normalised (C, H, W) array; returns (K, H, W) probabilities."""
     _, height, width = image.shape
-    parts: list[np.ndarray] = []
-    predict_tiled(
-        lambda y0, y1: image[:, y0:y1], height, width, run, lambda y0, p: parts.append(p), **options
-    )
-    return np.concatenate(parts, axis=1)
+    bands = predict_tiled(lambda y0, y1: image[:, y0:y1], height, width, run, **options)
+    return np.concatenate([probs for _, probs in bands], axis=1)
