@@ -256,7 +256,7 @@ class Trainer:
 
     def _is_best(self, row: dict[str, Any]) -> bool:
         metric = self.cfg.train.metric
-        key = f"val_{metric}" if f"val_{metric}" in row else "train_loss"
+        key = f"val_{metric}" if self.val_samples else "train_loss"
         value = row.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False

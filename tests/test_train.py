@@ -1,0 +1,205 @@
+"""`seg train` and `seg eval` as a user runs them: real EM crops, a config file, the run folder."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from seg.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+ISBI = ROOT / "data" / "isbi2012" / "train"
+SEG = [sys.executable, "-m", "seg.cli"]
+
+
+def seg(*args, timeout=300):
+    """`seg ARGS` in a fresh process, as a user runs it."""
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([*SEG, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def seg_quick(*args):
+    """`seg ARGS` in this process (for commands that fail before any work)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
+@pytest.fixture(scope="module")
+def em_folder(tmp_path_factory):
+    """Eight 96x128 crops of real ISBI slices with their 0/255 membrane masks."""
+    root = tmp_path_factory.mktemp("em")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i in range(8):
+        image = np.asarray(Image.open(ISBI / "images" / f"{i:02d}.png"))[100:196, 50:178]
+        mask = np.asarray(Image.open(ISBI / "labels" / f"{i:02d}.png"))[100:196, 50:178]
+        Image.fromarray(image).save(root / "images" / f"slice{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"slice{i}.png")
+    return root
+
+
+def write_config(path: Path, data_root: Path, out: Path, **train) -> Path:
+    cfg = {
+        "data": {
+            "root": str(data_root), "classes": ["membrane", "cell"], "in_channels": 1, "crop_size": 64,
+            "val_fraction": 0.25, "cache": True,
+        },
+        "model": {"arch": "unet", "encoder": "resnet18", "options": {"decoder_channels": [32, 16, 16, 8, 8]}},
+        "train": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 2, "lr": 0.003, "seed": 7, "threads": 2, **train},
+        "output": {"dir": str(out), "tile_size": 64, "overlap": 0.25, "overlays": 1},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def last_row(run: Path) -> dict:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def test_train_writes_a_complete_run_folder_and_eval_reads_it(em_folder, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run")
+    r = seg("train", cfg)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "overlays").glob("*.png"))) == 1
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert 0 <= float(rows[-1]["val_miou"]) <= 1
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["classes"] == ["membrane", "cell"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 3 and resolved["data"]["root"] == str(em_folder)
+
+    r = seg("eval", run, "--data", cfg, "--out", tmp_path / "eval.json")
+    assert r.returncode == 0, r.stderr
+    assert "membrane" in r.stdout and "pixel error" in r.stdout
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["images"] == 2
+    assert sum(map(sum, result["confusion"])) == 2 * 96 * 128
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    best_miou = max(float(r["val_miou"]) for r in rows)
+    assert best["best"] == pytest.approx(best_miou)
+    assert result["miou"] == pytest.approx(best_miou, abs=1e-6)
+
+    r = seg_quick("train", cfg)  # the folder holds a run: refuse to overwrite it
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path):
+    whole = write_config(tmp_path / "whole.yaml", em_folder, tmp_path / "whole", epochs=4)
+    broken = write_config(tmp_path / "broken.yaml", em_folder, tmp_path / "broken", epochs=4)
+    assert seg("train", whole).returncode == 0
+
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([*SEG, "train", str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = tmp_path / "broken" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(tmp_path / "broken" / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    assert 2 <= done < 4, "the run should have been killed part-way"
+
+    r = seg("train", broken, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    a, b = last_row(tmp_path / "whole"), last_row(tmp_path / "broken")
+    assert a["epoch"] == b["epoch"] == "4"
+    for key in ("train_loss", "val_loss", "val_miou", "val_pixel_error"):
+        assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"data": {"rooot": "x"}}, "data.rooot: unknown key"),
+        ({"train": {"epochs": "many"}}, "train.epochs:"),
+        ({"model": {"arch": "segnet"}}, "model.arch:"),
+        ({"data": {"root": "does/not/exist"}}, "data.root: no such folder"),
+        ({"train": {"loss": "hinge"}}, "train.loss:"),
+    ],
+)
+def test_broken_config_is_one_line_naming_the_key(em_folder, tmp_path, edit, message):
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run")
+    raw = yaml.safe_load(cfg.read_text())
+    for section, values in edit.items():
+        raw[section].update(values)
+    cfg.write_text(yaml.safe_dump(raw))
+    r = seg_quick("train", cfg)
+    assert r.returncode == 2
+    assert message in r.stderr and str(cfg) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_set_overrides_are_validated_too(em_folder, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run")
+    r = seg_quick("train", cfg, "--set", "train.batch_size=-3")
+    assert r.returncode == 2 and "train.batch_size" in r.stderr
+    r = seg_quick("train", cfg, "--set", "trainepochs")
+    assert r.returncode == 2 and "key=value" in r.stderr
+    r = seg_quick("train", tmp_path / "missing.yaml")
+    assert r.returncode == 2 and "no such config file" in r.stderr
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    r = seg_quick("train", tmp_path / "bad.yaml")
+    assert r.returncode == 2 and "not valid YAML" in r.stderr
+
+
+def make_bad_folder(root: Path, problem: str) -> str:
+    """A small data set with one defect; returns the file name the error must mention."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8) * 255).save(root / "masks" / f"im{i}.png")
+    if problem == "size":
+        Image.fromarray(np.zeros((60, 64), np.uint8)).save(root / "masks" / "im2.png")
+        return "im2.png"
+    if problem == "values":
+        Image.fromarray(np.full((64, 64), 7, np.uint8)).save(root / "masks" / "im1.png")
+        return "im1.png"
+    if problem == "corrupt":
+        (root / "images" / "im3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+        return "im3.png"
+    if problem == "no mask":
+        (root / "masks" / "im0.png").unlink()
+        return "im0.png"
+    raise ValueError(problem)
+
+
+@pytest.mark.parametrize("problem", ["size", "values", "corrupt", "no mask"])
+def test_bad_data_is_reported_before_training(tmp_path, problem):
+    name = make_bad_folder(tmp_path / "d", problem)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "d", tmp_path / "run")
+    r = seg_quick("train", cfg)
+    assert r.returncode == 2, r.stderr
+    assert name in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_empty_split_and_missing_folder(tmp_path):
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "d", tmp_path / "run")
+    r = seg_quick("train", cfg)
+    assert r.returncode == 2 and "no images" in r.stderr
+    r = seg_quick("train", cfg, "--set", "data.masks=nothing_here")
+    assert r.returncode == 2 and "nothing_here" in r.stderr
