@@ -192,8 +192,11 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]
 
 
 def to_display_rgb(image: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB view of any image: 16-bit and float images are stretched by percentiles."""
-    img = to_channels(image, 3) if image.ndim == 2 or image.shape[2] in (1, 4) else image[..., :3]
+    """An 8-bit RGB view of any image: 16-bit and float images are stretched by percentiles; images
+    with other than 1, 3 or 4 channels show their first channel."""
+    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+        image = image[..., 0]
+    img = to_channels(image, 3)
     if img.dtype == np.uint8:
         return img
     img = img.astype(np.float32)

@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make serve` (the HTTP service on the bundled model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test demo bench clean
+
+$(BIN)/seg: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: $(BIN)/seg
+	$(BIN)/seg serve
+
+test: $(BIN)/seg
+	$(BIN)/python -m pytest -q
+
+demo: $(BIN)/seg
+	$(BIN)/seg predict data/samples --out out/demo --overlay
+
+bench: $(BIN)/seg
+	$(BIN)/python bench/tiled.py
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) out runs .pytest_cache

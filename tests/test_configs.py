@@ -1,0 +1,109 @@
+"""The shipped configs, and training on the data kinds they stand for: VOC trees and 16-bit TIFF stacks."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from seg.cli import app
+from seg.config import VOC_CLASSES, load_config
+from seg.data import SegmentationDataset, build_augmentation, find_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=2", "train.threads=2", "output.overlays=1"]
+
+
+def run_seg(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr or result.stdout
+    return result
+
+
+def sets(*items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def make_voc(root: Path, n: int = 4) -> Path:
+    """A VOC2012-shaped tree: JPEG images, palette PNG masks with 255 borders, split lists."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)])
+    ids = []
+    for i in range(n):
+        h, w = 75 + 10 * i, 100
+        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        cls = 1 + i * 5
+        mask[20:50, 30:70] = cls
+        image[20:50, 30:70] = (cls * 12) % 255
+        mask[19, 29:71] = 255  # object boundary: ignored
+        name = f"2007_{i:06d}"
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=90)
+        m = Image.fromarray(mask, mode="L").convert("P")
+        m.putpalette(palette.getpalette())
+        m.save(voc / "SegmentationClass" / f"{name}.png")
+        ids.append(name)
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text(ids[3] + "\n")
+    return root
+
+
+@pytest.mark.parametrize("name", ["unet_isbi2012", "refinenet_voc", "refinenet_lw_voc", "custom_folder"])
+def test_shipped_configs_validate(name, tmp_path):
+    overrides = [] if name == "unet_isbi2012" else [f"data.root={make_voc(tmp_path) if 'voc' in name else tmp_path}"]
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+    assert cfg.data.num_classes == (21 if "voc" in name else 2)
+    if name == "unet_isbi2012":
+        train, val = find_samples(cfg.data)
+        assert (len(train), len(val)) == (20, 5)
+
+
+def test_voc_tree_trains_with_ignore_index(tmp_path):
+    make_voc(tmp_path)
+    cfg = load_config(ROOT / "configs" / "refinenet_lw_voc.yaml", [f"data.root={tmp_path}", "data.crop_size=64"])
+    assert cfg.data.classes == VOC_CLASSES
+    train, val = find_samples(cfg.data)
+    assert [s.name for s in val] == ["2007_000003"]
+    ds = SegmentationDataset(train, cfg.data, build_augmentation(cfg.data))
+    x, y = ds[0]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert set(torch.unique(y).tolist()) <= {0, 1, 255}  # palette indices, not colours; padding ignored
+
+    run_seg("train", ROOT / "configs" / "refinenet_lw_voc.yaml",
+            *sets(f"data.root={tmp_path}", f"output.dir={tmp_path / 'run'}", "model.encoder=resnet18",
+                  "data.crop_size=64", "train.num_workers=0", *QUICK))
+    metrics = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "val_iou_person" in metrics  # per-class metrics carry the VOC names
+
+
+def test_16bit_multichannel_tiff_with_percentile_normalisation(tmp_path):
+    root = tmp_path / "tiffs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        mask = np.zeros((80, 96), np.uint8)
+        mask[10 + i : 40 + i, 20:60] = 1
+        image = rng.normal(1000, 50, (2, 80, 96))  # two channels, channel-first as microscopes write them
+        image[:, mask == 1] += 3000
+        tifffile.imwrite(root / "images" / f"cell{i}.tif", image.clip(0, 65535).astype(np.uint16))
+        tifffile.imwrite(root / "masks" / f"cell{i}.tif", mask)
+    cfg_path = ROOT / "configs" / "custom_folder.yaml"
+    overrides = [f"data.root={root}", "data.in_channels=2", "data.normalize.mean=[0.5,0.5]",
+                 "data.normalize.std=[0.25,0.25]", "data.crop_size=64", "model.encoder=resnet18",
+                 f"output.dir={tmp_path / 'run'}", "train.num_workers=0", *QUICK]
+    cfg = load_config(cfg_path, overrides)
+    train, _ = find_samples(cfg.data)
+    x, y = SegmentationDataset(train, cfg.data)[0]
+    assert x.shape == (2, 80, 96)
+    assert -2.1 <= float(x.min()) and float(x.max()) <= 2.1  # percentiles mapped to 0..1, then mean/std
+    assert set(torch.unique(y).tolist()) == {0, 1}
+    run_seg("train", cfg_path, *sets(*overrides))
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
