@@ -1,8 +1,22 @@
-"""seg: U-Net and RefineNet segmentation, from a config file to a tiled ONNX predictor."""
+"""seg: U-Net and RefineNet segmentation, from a config file to a tiled ONNX predictor.
+
+The prediction path (`seg.predictor`, `seg.runtime`) imports no torch; the model zoo loads it on first use.
+"""
 
 __version__ = "0.1.0"
 
 from seg.errors import SegError  # noqa: E402
-from seg.models import build_model, build_model_from_config  # noqa: E402
 
-__all__ = ["SegError", "build_model", "build_model_from_config", "__version__"]
+__all__ = ["SegError", "Predictor", "build_model", "build_model_from_config", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("build_model", "build_model_from_config"):
+        from seg import models
+
+        return getattr(models, name)
+    if name == "Predictor":
+        from seg.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'seg' has no attribute {name!r}")
