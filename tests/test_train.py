@@ -203,3 +203,13 @@ def test_empty_split_and_missing_folder(tmp_path):
     assert r.returncode == 2 and "no images" in r.stderr
     r = seg_quick("train", cfg, "--set", "data.masks=nothing_here")
     assert r.returncode == 2 and "nothing_here" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_precision_channels_last_on_cuda(em_folder, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", epochs=1, device="cuda", amp="auto")
+    r = seg("train", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "on cuda with bfloat16" in r.stderr or "on cuda with float16" in r.stderr
+    assert float(last_row(tmp_path / "run")["val_miou"]) >= 0
