@@ -1,0 +1,275 @@
+"""The HTTP service: one BentoML service around the shared tiled predictor, `seg.predictor.Predictor`.
+
+    SEG_MODEL=model.onnx bentoml serve serving.service:Segmentation      # or: seg serve model.onnx
+
+Every model endpoint goes request -> image array -> Predictor -> response. The image comes as a multipart
+upload (field `image`) or as the raw body (see `serving.gate`); it is checked against the limits from its
+header before any pixel is decoded. Client errors answer a JSON body {"error": "..."}:
+
+    400  unreadable, empty or unsupported image; parameters out of range (BentoML's own validation)
+    401  API key missing or wrong (when SEG_API_KEY is set)
+    413  body over SEG_MAX_BYTES, or image over SEG_MAX_PIXELS
+    429  more than SEG_CONCURRENCY requests at once (BentoML)
+    504  not answered within SEG_TIMEOUT seconds (BentoML)
+
+This module imports bentoml, numpy, PIL and (through seg.predictor) onnxruntime; never torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import io
+import warnings
+from pathlib import Path
+from typing import Annotated, Literal
+
+import bentoml
+import numpy as np
+from bentoml.validators import ContentType
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse, Response
+
+from seg import imageio
+from seg.errors import ImageError, SegError
+from seg.predictor import Prediction, Predictor
+from serving.gate import Gate
+from serving.settings import MIN_TILE, Settings
+
+SETTINGS = Settings.from_env()
+if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
+    raise SegError(f"{SETTINGS.model}: no such ONNX model; set SEG_MODEL to a model written by `seg export`")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
+
+ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
+Tile = Annotated[int, Field(ge=MIN_TILE, le=SETTINGS.max_tile, description="tile side (default: the model's)")]
+Overlap = Annotated[float, Field(ge=0.0, le=MAX_OVERLAP, description="tile overlap fraction (default: the model's)")]
+TTA = Annotated[bool, Field(description="average over flips (4 runs per tile)")]
+
+
+class TooLarge(SegError):
+    """An image with more pixels than the server takes."""
+
+
+class ClassCount(BaseModel):
+    index: int
+    name: str
+    pixels: int
+    fraction: float
+
+
+class Mask(BaseModel):
+    encoding: Literal["png", "rle", "none"] = Field(description="png: `data` is the base64 mask PNG; rle: see `values`")
+    data: str | None = None
+    values: list[int] | None = Field(None, description="rle: class of each run, row-major order")
+    counts: list[int] | None = Field(None, description="rle: length of each run; sum = width x height")
+
+
+class SegmentResult(BaseModel):
+    model: str
+    width: int
+    height: int
+    seconds: float = Field(description="time in the predictor")
+    classes: list[ClassCount]
+    mask: Mask
+
+
+class ModelDescription(BaseModel):
+    name: str
+    arch: str
+    encoder: str
+    classes: list[str]
+    palette: list[list[int]]
+    in_channels: int
+    normalize: dict
+    stride: int
+    tile_size: int
+    overlap: float
+    version: str
+    provider: str
+    device: str
+    limits: dict
+
+
+def client_errors(endpoint):
+    """The one place where errors become responses: TooLarge 413, any other SegError 400, as JSON."""
+
+    @functools.wraps(endpoint)
+    def answer(*args, **kwargs):
+        try:
+            return endpoint(*args, **kwargs)
+        except SegError as err:
+            return JSONResponse({"error": str(err)}, status_code=413 if isinstance(err, TooLarge) else 400)
+
+    return answer
+
+
+@bentoml.service(
+    name="seg",
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.concurrency},
+    workers=SETTINGS.workers,
+)
+class Segmentation:
+    """Semantic segmentation of images of any size with one exported seg model."""
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # sizes are checked from the header first
+        self.predictor = Predictor(self.settings.model, device=self.settings.device)
+
+    @bentoml.api(route="/segment")
+    @client_errors
+    def segment(
+        self, image: ImageFile, tile: Tile | None = None, overlap: Overlap | None = None, tta: TTA = False
+    ) -> Annotated[Path, ContentType("image/png")]:
+        """The label mask: a palette PNG of the image's width and height, pixel value = class index."""
+        _, result = self._predict(image, tile, overlap, tta)
+        png = png_bytes(imageio.mask_image(result.mask, self.predictor.palette))
+        return Response(png, media_type="image/png", headers=timing(result))
+
+    @bentoml.api(route="/segment_json")
+    @client_errors
+    def segment_json(
+        self,
+        image: ImageFile,
+        tile: Tile | None = None,
+        overlap: Overlap | None = None,
+        tta: TTA = False,
+        mask: Literal["png", "rle", "none"] = "png",
+    ) -> SegmentResult:
+        """Pixels and fraction per class, image size, model name, time, and the mask (PNG base64 or RLE)."""
+        _, result = self._predict(image, tile, overlap, tta)
+        labels = result.mask
+        counts = result.pixels_per_class(self.predictor.class_names)
+        classes = [
+            ClassCount(index=i, name=name, pixels=n, fraction=n / labels.size)
+            for i, (name, n) in enumerate(counts.items())
+        ]
+        if mask == "png":
+            png = png_bytes(imageio.mask_image(labels, self.predictor.palette))
+            encoded = Mask(encoding="png", data=base64.b64encode(png).decode())
+        elif mask == "rle":
+            values, lengths = run_lengths(labels)
+            encoded = Mask(encoding="rle", values=values.tolist(), counts=lengths.tolist())
+        else:
+            encoded = Mask(encoding="none")
+        return SegmentResult(
+            model=self.predictor.info.name, width=labels.shape[1], height=labels.shape[0],
+            seconds=round(result.seconds, 4), classes=classes, mask=encoded,
+        )  # fmt: skip
+
+    @bentoml.api(route="/overlay")
+    @client_errors
+    def overlay(
+        self,
+        image: ImageFile,
+        tile: Tile | None = None,
+        overlap: Overlap | None = None,
+        tta: TTA = False,
+        alpha: Annotated[float, Field(ge=0.0, le=1.0, description="opacity of the mask colours")] = 0.5,
+        format: Literal["png", "jpeg"] = "png",
+    ) -> Annotated[Path, ContentType("image/*")]:
+        """The image (as 8-bit RGB) with the mask's classes blended in colour; class 0 stays uncoloured."""
+        pixels, result = self._predict(image, tile, overlap, tta)
+        picture = Image.fromarray(imageio.overlay(pixels, result.mask, self.predictor.palette, alpha))
+        buffer = io.BytesIO()
+        picture.save(buffer, format=format.upper(), **({"quality": 90} if format == "jpeg" else {}))
+        return Response(buffer.getvalue(), media_type=f"image/{format}", headers=timing(result))
+
+    @bentoml.api(route="/info")
+    def info(self) -> ModelDescription:
+        """The loaded model's metadata, the execution provider in use and the server's limits."""
+        info, s = self.predictor.info, self.settings
+        return ModelDescription(
+            name=info.name, arch=info.arch, encoder=info.encoder, classes=self.predictor.class_names,
+            palette=self.predictor.palette, in_channels=info.in_channels, normalize=info.normalize.model_dump(),
+            stride=info.stride, tile_size=self.predictor.tile, overlap=self.predictor.overlap, version=info.version,
+            provider=self.predictor.provider, device=self.predictor.device,
+            limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "tile": [MIN_TILE, s.max_tile],
+                    "overlap": [0.0, MAX_OVERLAP], "timeout": s.timeout, "concurrency": s.concurrency},
+        )  # fmt: skip
+
+    def _predict(self, path: Path, tile: int | None, overlap: float | None, tta: bool) -> tuple[np.ndarray, Prediction]:
+        """(image, prediction) for an uploaded file, with this request's tiling."""
+        image = read_upload(path, self.settings.max_pixels, self.predictor.info.in_channels)
+        predictor = self.predictor
+        if tile is not None or overlap is not None or tta:
+            predictor = copy.copy(predictor)  # shares the ONNX Runtime session
+            predictor.tile = tile or predictor.tile
+            predictor.overlap = predictor.overlap if overlap is None else overlap
+            predictor.tta = tta
+        return image, predictor.predict(image)
+
+
+Segmentation.add_asgi_middleware(
+    Gate,
+    routes=[method.route for method in Segmentation.apis.values()],
+    upload_routes=[method.route for method in Segmentation.apis.values() if "image" in method.input_spec.model_fields],
+    max_bytes=SETTINGS.max_bytes,
+    api_key=SETTINGS.api_key,
+)
+
+
+def read_upload(path: Path, max_pixels: int, model_channels: int) -> np.ndarray:
+    """The uploaded image as an array; its size and channels are checked from the header before decoding."""
+    data = path.read_bytes()
+    height, width, channels = header_shape(data)
+    if height * width > max_pixels:
+        raise TooLarge(f"image of {width} x {height} pixels is over the limit of {max_pixels} pixels")
+    if channels > 4 and channels != model_channels:  # e.g. a stack of many pages: refuse before decoding
+        raise ImageError(f"image has {channels} channels; the model takes {model_channels}")
+    return imageio.decode_image(data, "image")
+
+
+def header_shape(data: bytes) -> tuple[int, int, int]:
+    """(height, width, channels) from an image file's header, without decoding pixels.
+
+    TIFF layouts as `seg.imageio.decode_image` reads them: (H, W), (H, W, C), or (C, H, W) for C <= 8.
+    """
+    if not data:
+        raise ImageError("image: empty file")
+    if data[:4] in TIFF_MAGIC:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                shape = tuple(tif.series[0].shape)
+        except Exception as err:  # tifffile raises many types for broken files
+            raise ImageError(f"image: cannot read TIFF ({err})") from None
+        while len(shape) > 2 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) == 2:
+            return shape[0], shape[1], 1
+        if len(shape) == 3:
+            return (shape[1], shape[2], shape[0]) if shape[0] <= 8 and shape[2] > 8 else shape
+        raise ImageError(f"image: unsupported TIFF layout with shape {shape}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.height, im.width, len(im.getbands())
+    except Image.DecompressionBombError as err:
+        raise TooLarge(f"image: {err}") from None
+    except Exception as err:  # Pillow raises many types for broken headers
+        raise ImageError(f"image: not a readable image ({err})") from None
+
+
+def timing(result: Prediction) -> dict[str, str]:
+    """The predictor's share of the request time, as a standard Server-Timing header."""
+    return {"Server-Timing": f"predict;dur={result.seconds * 1000:.1f}"}
+
+
+def png_bytes(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def run_lengths(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, counts) of the runs of equal values in the row-major flattened mask."""
+    flat = mask.ravel()
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    return flat[starts], np.diff(np.append(starts, flat.size))

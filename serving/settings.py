@@ -1,0 +1,67 @@
+"""Server configuration, read once from environment variables (never from a request).
+
+| variable | default | meaning |
+| --- | --- | --- |
+| SEG_MODEL | seg/assets/model.onnx | the ONNX model to serve |
+| SEG_DEVICE | auto | auto (CUDA when a GPU is usable, else CPU), cuda or cpu |
+| SEG_API_KEY | (none) | when set, model endpoints need `Authorization: Bearer KEY` |
+| SEG_MAX_BYTES | 134217728 | largest request body (128 MiB); larger ones get 413 |
+| SEG_MAX_PIXELS | 100000000 | largest image (width x height, read from the header); larger ones get 413 |
+| SEG_MAX_TILE | 1024 | largest tile side a request may ask for |
+| SEG_TIMEOUT | 300 | seconds per request; then 504 |
+| SEG_CONCURRENCY | 32 | requests admitted at once per service; more get 429 (admitted ones queue for the model) |
+| SEG_WORKERS | 1 | worker processes, each with its own copy of the model |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from seg.errors import SegError
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "seg" / "assets" / "model.onnx"
+MIN_TILE = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: Path = BUNDLED_MODEL
+    device: str = "auto"
+    api_key: str | None = None
+    max_bytes: int = 128 << 20
+    max_pixels: int = 100_000_000
+    max_tile: int = 1024
+    timeout: float = 300.0
+    concurrency: int = 32
+    workers: int = 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        """Settings from SEG_* variables; SegError names a variable that does not parse."""
+
+        def number(name: str, kind: type, default, low) -> int | float:
+            text = env.get(name, "").strip()
+            if not text:
+                return default
+            try:
+                value = kind(text)
+            except ValueError:
+                raise SegError(f"{name}={text!r}: expected a number") from None
+            if value < low:
+                raise SegError(f"{name}={text!r}: must be at least {low}")
+            return value
+
+        return cls(
+            model=Path(env.get("SEG_MODEL") or BUNDLED_MODEL),
+            device=env.get("SEG_DEVICE") or "auto",
+            api_key=env.get("SEG_API_KEY") or None,
+            max_bytes=number("SEG_MAX_BYTES", int, cls.max_bytes, 1),
+            max_pixels=number("SEG_MAX_PIXELS", int, cls.max_pixels, 1),
+            max_tile=number("SEG_MAX_TILE", int, cls.max_tile, MIN_TILE),
+            timeout=number("SEG_TIMEOUT", float, cls.timeout, 0.1),
+            concurrency=number("SEG_CONCURRENCY", int, cls.concurrency, 1),
+            workers=number("SEG_WORKERS", int, cls.workers, 1),
+        )

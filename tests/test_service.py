@@ -1,0 +1,501 @@
+"""The HTTP service end to end: real `seg serve` servers in subprocesses, real clients (httpx,
+bentoml.SyncHTTPClient, raw sockets, schemathesis).
+
+Three servers, each started once for this module (a few seconds each) and always terminated:
+- `server`: conftest's exported U-Net (`unet_onnx`) with small limits (4 MB, 2048 x 2048 pixels); most tests;
+- `guarded`: the tiny conv model with 3 classes and an API key; also the 8000 x 8000 image;
+- `strict`: the tiny conv model, a 2 s timeout and one request at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from seg.imageio import decode_image, read_image
+from seg.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+KEY = "test-key-0123"
+MAX_BYTES = 4_000_000
+MAX_PIXELS = 2048 * 2048
+
+
+class Server(NamedTuple):
+    url: str
+    pid: int
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model: Path, folder: Path, **env: str) -> Iterator[Server]:
+    """`seg serve MODEL` on 127.0.0.1 and a free port, ready (GET /readyz is 200) within 90 s."""
+    port = free_port()
+    log = folder / f"server-{port}.log"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
+    environ = {**inherited, "BENTOML_HOME": str(folder / "bentoml"), **env}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "seg.cli", "serve", str(model), "--port", str(port)],
+            env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in 90 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield Server(url, proc.pid, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the server and its workers
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(unet_onnx, tmp_path_factory) -> Iterator[Server]:
+    env = {"SEG_MAX_BYTES": str(MAX_BYTES), "SEG_MAX_PIXELS": str(MAX_PIXELS), "SEG_DEVICE": "cpu"}
+    with running_server(unet_onnx, tmp_path_factory.mktemp("server"), **env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def guarded(conv_onnx_factory, tmp_path_factory) -> Iterator[Server]:
+    env = {"SEG_API_KEY": KEY, "SEG_MAX_PIXELS": str(8000 * 8000), "SEG_DEVICE": "cpu"}
+    with running_server(conv_onnx_factory(classes=3), tmp_path_factory.mktemp("guarded"), **env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def strict(conv_onnx, tmp_path_factory) -> Iterator[Server]:
+    env = {"SEG_TIMEOUT": "2", "SEG_CONCURRENCY": "1", "SEG_DEVICE": "cpu"}
+    with running_server(conv_onnx, tmp_path_factory.mktemp("strict"), **env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def local(unet_onnx) -> Predictor:
+    """The in-process predictor on the same model as `server`."""
+    return Predictor(unet_onnx, device="cpu")
+
+
+# -- images ----------------------------------------------------------------------------------------------
+def encode(array: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    if fmt.startswith("TIFF"):
+        planar = {"photometric": "minisblack", "planarconfig": "separate"} if fmt == "TIFF-planar" else {}
+        tifffile.imwrite(buffer, array, **planar, **options)
+    else:
+        Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A valid PNG header for side x side grey pixels, with a few bytes of data: only the header is honest."""
+    head = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + head + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + png_chunk(b"IEND", b"")
+
+
+def bomb_tiff(side: int = 100_000) -> bytes:
+    """A 16 x 16 TIFF whose header claims side x side pixels."""
+    data = bytearray(encode(np.zeros((16, 16), np.uint8), "TIFF"))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        offsets = [tif.pages[0].tags[name].valueoffset for name in ("ImageWidth", "ImageLength")]
+    for offset in offsets:
+        data[offset : offset + 4] = struct.pack("<I", side)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def em() -> np.ndarray:
+    return read_image(SAMPLES / "isbi_test_00.png")
+
+
+@pytest.fixture(scope="module")
+def em_png() -> bytes:
+    return (SAMPLES / "isbi_test_00.png").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def em_mask(local, em) -> np.ndarray:
+    """The in-process predictor's mask of `em`."""
+    return local.predict(em).mask
+
+
+def mask_of(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG"
+        return np.asarray(im)
+
+
+def post(url: str, image: bytes, route: str = "/segment", headers=None, **fields) -> httpx.Response:
+    data = {k: json.dumps(v) for k, v in fields.items()}
+    return httpx.post(url + route, files={"image": ("a.img", image)}, data=data, headers=headers, timeout=120)
+
+
+def send_head(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A socket that has sent a request's head and `body` (possibly less than announced)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    return sock
+
+
+def read_reply(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the response on `sock` (which is then closed)."""
+    with sock:
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < content_length(reply):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.split(b"\r\n\r\n", 1)[1])
+
+
+def content_length(reply: bytes) -> int:
+    for line in reply.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+# -- the endpoints ------------------------------------------------------------------------------------------
+def test_health_metrics_and_docs_stay_open(server):
+    for path in ("/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json"):
+        assert httpx.get(server.url + path).status_code == 200, path
+    paths = httpx.get(server.url + "/docs.json").json()["paths"]
+    assert {"/segment", "/segment_json", "/overlay", "/info"} <= set(paths)
+    post(server.url, (SAMPLES / "isbi_test_01.png").read_bytes())
+    assert "bentoml_service_request" in httpx.get(server.url + "/metrics").text
+
+
+@pytest.mark.parametrize("name", ["isbi_test_00.png", "isbi_test_01.png"])
+def test_segment_mask_equals_the_in_process_predictor(server, local, name):
+    data = (SAMPLES / name).read_bytes()
+    response = post(server.url, data)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["server-timing"].startswith("predict;dur=")
+    with Image.open(io.BytesIO(response.content)) as im:
+        assert im.mode == "P" and im.size == (512, 512)
+        assert im.getpalette()[:6] == [c for rgb in local.palette[:2] for c in rgb]
+    expected = local.predict(decode_image(data)).mask
+    assert 0 < expected.mean() < 1  # both classes occur
+    np.testing.assert_array_equal(mask_of(response.content), expected)
+
+
+def test_raw_body_and_per_request_tiling(server, unet_onnx, em):
+    crop = em[:200, :180]
+    expected = Predictor(unet_onnx, device="cpu", tile=128, overlap=0.5, tta=True).predict(crop).mask
+    data = encode(crop, "PNG")
+    raw = httpx.post(f"{server.url}/segment?tile=128&overlap=0.5&tta=true", content=data,
+                     headers={"content-type": "image/png"}, timeout=120)  # fmt: skip
+    assert raw.status_code == 200, raw.text
+    np.testing.assert_array_equal(mask_of(raw.content), expected)
+    form = post(server.url, data, tile=128, overlap=0.5, tta=True)
+    assert form.content == raw.content
+
+
+def test_bentoml_sync_client(server, local, em_mask, tmp_path):
+    import bentoml
+
+    path = tmp_path / "em.png"
+    path.write_bytes((SAMPLES / "isbi_test_00.png").read_bytes())
+    expected = em_mask
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
+        np.testing.assert_array_equal(mask_of(Path(client.segment(image=path)).read_bytes()), expected)
+        result = client.segment_json(image=path, mask="rle")
+        runs = result["mask"]
+        assert result["classes"][1]["pixels"] == int(expected.sum())
+        np.testing.assert_array_equal(np.repeat(runs["values"], runs["counts"]).reshape(512, 512), expected)
+        assert client.info()["classes"] == local.class_names
+        with pytest.raises(bentoml.exceptions.BentoMLException) as error:
+            client.segment(image=path, tile=1)
+        assert error.value.error_code == 400
+
+
+@pytest.mark.parametrize(
+    "fmt, make",
+    [
+        ("JPEG", lambda g: np.stack([g, g // 2, g], -1)),  # RGB, to grey by luminance
+        ("PNG", lambda g: g.astype(np.uint16) * 257),  # 16-bit
+        ("PNG", lambda g: np.stack([g, g, g, np.full_like(g, 200)], -1)),  # RGBA
+        ("TIFF", lambda g: g.astype(np.uint16) * 100),  # 16-bit
+        ("TIFF", lambda g: np.stack([g, g, g // 3], -1).astype(np.uint16) * 200),  # multi-channel, 16-bit
+        ("TIFF-planar", lambda g: np.stack([g, g, g])),  # channel-first (C, H, W)
+        ("TIFF", lambda g: g.astype(np.float32) / 255),  # float
+    ],
+    ids=["jpeg-rgb", "png-16bit", "png-rgba", "tiff-16bit", "tiff-3ch-16bit", "tiff-channel-first", "tiff-float"],
+)
+def test_image_formats(server, local, em, fmt, make):
+    data = encode(make(em[:200, :300]), fmt)
+    response = post(server.url, data)
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(mask_of(response.content), local.predict(decode_image(data)).mask)
+
+
+def test_segment_json(server, local, em_mask, em_png):
+    expected = em_mask
+    result = post(server.url, em_png, route="/segment_json").json()
+    assert (result["model"], result["width"], result["height"]) == (local.info.name, 512, 512)
+    assert result["seconds"] > 0
+    assert [c["name"] for c in result["classes"]] == local.class_names
+    assert [c["pixels"] for c in result["classes"]] == np.bincount(expected.ravel(), minlength=2).tolist()
+    assert sum(c["fraction"] for c in result["classes"]) == pytest.approx(1.0)
+    assert result["mask"]["encoding"] == "png"
+    np.testing.assert_array_equal(mask_of(base64.b64decode(result["mask"]["data"])), expected)
+    bare = post(server.url, em_png, route="/segment_json", mask="none").json()
+    assert bare["mask"] == {"encoding": "none", "data": None, "values": None, "counts": None}
+
+
+def test_overlay(server, em, em_mask, em_png):
+    mask = em_mask
+    png = post(server.url, em_png, route="/overlay", alpha=0.6)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    rgb = np.asarray(Image.open(io.BytesIO(png.content)))
+    assert rgb.shape == (512, 512, 3)
+    np.testing.assert_array_equal(rgb[mask == 0], np.repeat(em[mask == 0, None], 3, axis=1))  # class 0 uncoloured
+    jpeg = post(server.url, em_png, route="/overlay", format="jpeg")
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(jpeg.content)).size == (512, 512)
+
+
+def test_info(server, local):
+    info = httpx.post(server.url + "/info", json={}).json()
+    assert info["name"] == local.info.name and info["classes"] == local.class_names
+    assert info["palette"] == local.palette and info["tile_size"] == local.tile
+    assert info["provider"] == local.provider and info["limits"]["max_pixels"] == MAX_PIXELS
+
+
+def test_seg_predict_writes_the_same_mask(server, unet_onnx, em_png, tmp_path):
+    from typer.testing import CliRunner
+
+    from seg.cli import app
+
+    image = SAMPLES / "isbi_test_00.png"
+    cli = CliRunner().invoke(app, ["predict", str(unet_onnx), str(image), "--out", str(tmp_path)])
+    if cli.exit_code == 2 and "not available yet" in cli.output:
+        pytest.skip("`seg predict` is not available yet")
+    assert cli.exit_code == 0, cli.output
+    written = np.asarray(Image.open(tmp_path / "isbi_test_00.png"))
+    np.testing.assert_array_equal(written, mask_of(post(server.url, em_png).content))
+
+
+# -- bad input: always 4xx with a JSON error, never 500, never a hang ---------------------------------------
+FORM = "multipart/form-data"
+
+
+def corrupt_png(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0x5A for b in data[middle : middle + 64]) + data[middle + 64 :]
+
+
+BAD = [
+    ("empty file", lambda png: {"files": {"image": ("a.png", b"")}}, 400),
+    ("empty raw body", lambda png: {"content": b""}, 400),
+    ("not an image", lambda png: {"files": {"image": ("a.txt", b"hello, world\n" * 10)}}, 400),
+    ("corrupt png", lambda png: {"files": {"image": ("a.png", corrupt_png(png))}}, 400),
+    ("truncated png", lambda png: {"files": {"image": ("a.png", png[: len(png) // 2])}}, 400),
+    ("truncated jpeg", lambda png: {"content": encode(read_image(SAMPLES / "isbi_test_00.png"), "JPEG")[:3000]}, 400),
+    ("truncated tiff", lambda png: {"content": encode(np.ones((300, 300), np.uint16), "TIFF")[:20000]}, 400),
+    ("two channels", lambda png: {"content": encode(np.zeros((64, 64, 2), np.uint8), "TIFF")}, 400),
+    ("six channels", lambda png: {"content": encode(np.zeros((64, 64, 6), np.uint8), "TIFF")}, 400),
+    ("page stack", lambda png: {"content": encode(np.zeros((20, 64, 64, 2), np.uint8), "TIFF")}, 400),
+    ("png bomb", lambda png: {"content": bomb_png()}, 413),
+    ("tiff bomb", lambda png: {"content": bomb_tiff()}, 413),
+    ("too many pixels", lambda png: {"content": encode(np.zeros((2100, 2100), np.uint8), "PNG")}, 413),
+    ("chunked body over the limit", lambda png: {"content": iter([b"\0" * 1_000_000] * 5)}, 413),
+    ("tile too small", lambda png: {"files": {"image": ("a.png", png)}, "data": {"tile": "8"}}, 400),
+    ("tile too large", lambda png: {"files": {"image": ("a.png", png)}, "data": {"tile": "99999"}}, 400),
+    ("tile not a number", lambda png: {"files": {"image": ("a.png", png)}, "data": {"tile": "big"}}, 400),
+    ("overlap too large", lambda png: {"files": {"image": ("a.png", png)}, "data": {"overlap": "0.9"}}, 400),
+    ("overlap negative", lambda png: {"content": png, "params": {"overlap": "-0.1"}}, 400),
+    ("image in the query", lambda png: {"content": png, "params": {"image": "x"}}, 400),
+    ("no image field", lambda png: {"data": {"tile": "256"}, "files": {"other": ("a.png", png)}}, 400),
+    ("image as text (a URL)", lambda png: {"data": {"image": "http://127.0.0.1:1/a"}, "files": {"x": ("x", b"")}}, 400),
+    ("two images", lambda png: {"files": [("image", ("a.png", png)), ("image", ("b.png", png))]}, 400),
+    (
+        "malformed multipart",
+        lambda png: {"content": b"--x\r\nnonsense", "headers": {"content-type": FORM + "; boundary=x"}},
+        400,
+    ),
+    ("multipart without boundary", lambda png: {"content": png, "headers": {"content-type": FORM}}, 400),
+    ("json with a string image", lambda png: {"json": {"image": "abc"}}, 400),
+]
+
+
+@pytest.mark.parametrize("name, request_for, status", BAD, ids=[case[0] for case in BAD])
+def test_bad_input_gets_4xx_with_a_json_error(server, em_png, name, request_for, status):
+    response = httpx.post(server.url + "/segment", timeout=30, **request_for(em_png))
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["error"], str)
+
+
+@pytest.mark.parametrize(
+    "route, fields",
+    [("/overlay", {"alpha": 2}), ("/overlay", {"format": "gif"}), ("/segment_json", {"mask": "zip"})],
+)
+def test_bad_parameters_of_other_endpoints(server, em_png, route, fields):
+    response = post(server.url, em_png, route=route, **fields)
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_oversized_body_is_refused_before_it_is_sent(server):
+    head = f"POST /segment HTTP/1.1\nHost: x\nContent-Type: image/png\nContent-Length: {10**10}\n"
+    start = time.monotonic()
+    status, body = read_reply(send_head(server.url, head))  # no body at all: the answer cannot wait for it
+    assert status == 413 and "limit" in body["error"]
+    assert time.monotonic() - start < 5
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+# -- API key, limits, large images --------------------------------------------------------------------------
+def test_api_key_gates_model_endpoints_only(guarded, em_png, tmp_path):
+    import bentoml
+
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
+        response = post(guarded.url, em_png, headers=headers)
+        assert response.status_code == 401 and "API key" in response.json()["error"]
+    assert httpx.post(guarded.url + "/info", json={}).status_code == 401
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json"):
+        assert httpx.get(guarded.url + path).status_code == 200, path
+    response = post(guarded.url, em_png, headers={"authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200 and mask_of(response.content).shape == (512, 512)
+    path = tmp_path / "em.png"
+    path.write_bytes(em_png)
+    with bentoml.SyncHTTPClient(guarded.url, token=KEY) as client:
+        assert client.info()["classes"] == ["background", "class1", "class2"]
+    with bentoml.SyncHTTPClient(guarded.url) as client, pytest.raises(bentoml.exceptions.BentoMLException) as error:
+        client.segment(image=path)
+    assert error.value.error_code == 401
+
+
+def worker_peak_rss(server: Server) -> int | None:
+    """Peak resident memory (bytes) of the server's busiest child process (Linux), else None."""
+    peaks = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0")) == server.pid and "VmHWM" in fields:
+            peaks.append(int(fields["VmHWM"].split()[0]) * 1024)
+    return max(peaks, default=None)
+
+
+@pytest.mark.slow
+def test_8000x8000_image_in_bounded_memory(guarded):
+    side = 8000
+    image = (np.add.outer(np.arange(side) // 37, np.arange(side) // 53) % 256).astype(np.uint8)
+    response = httpx.post(guarded.url + "/segment", content=encode(image, "PNG"),
+                          headers={"authorization": f"Bearer {KEY}"}, timeout=300)  # fmt: skip
+    assert response.status_code == 200, response.text
+    with Image.open(io.BytesIO(response.content)) as im:
+        assert im.mode == "P" and im.size == (side, side)
+        assert np.count_nonzero(np.bincount(np.asarray(im).ravel())) >= 2
+    peak = worker_peak_rss(guarded)
+    if peak is not None:  # about 0.4 GB measured; whole-image float32 probabilities alone would be 0.77 GB
+        assert peak < 1e9, f"worker peak RSS {peak / 1e9:.2f} GB"
+
+
+def test_stalled_upload_times_out_and_concurrency_is_limited(strict, em_png):
+    head = "POST /segment HTTP/1.1\nHost: x\nContent-Type: image/png\nContent-Length: 100000\n"
+    stalled = send_head(strict.url, head, em_png[:1000])  # then nothing more
+    time.sleep(0.3)
+    busy = post(strict.url, em_png)  # the one request admitted is the stalled one
+    assert busy.status_code == 429 and "error" in busy.json()
+    start = time.monotonic()
+    status, body = read_reply(stalled)
+    assert status == 504 and "error" in body
+    assert time.monotonic() - start < 5
+    assert post(strict.url, em_png).status_code == 200
+
+
+# -- schema-driven fuzzing and the inference path -------------------------------------------------------------
+def test_schemathesis_finds_no_server_error(server):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server.url + "/docs.json")
+    statuses: dict[str, set[int]] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=40, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(case=operation.as_strategy() | operation.as_strategy(GenerationMode.NEGATIVE))
+        def no_server_error(case):
+            response = case.call(base_url=server.url, timeout=60)
+            statuses.setdefault(case.path, set()).add(response.status_code)
+            assert response.status_code < 500, (
+                f"{case.method} {case.path}: {response.status_code} {response.text[:200]}"
+            )
+
+        no_server_error()
+    assert {"/segment", "/segment_json", "/overlay", "/info"} <= set(statuses)
+    assert 200 in statuses["/segment"] and 400 in statuses["/segment"]
+
+
+def test_service_imports_without_torch(unet_onnx):
+    code = "import sys; sys.modules['torch'] = None; import serving.service"  # importing torch would now fail
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SEG_MODEL": str(unet_onnx)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_serve_command_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from seg.cli import app
+
+    (tmp_path / "foreign.onnx").write_bytes(b"not a model")
+    for model, problem in (("none.onnx", "no such ONNX model"), ("foreign.onnx", "not a usable ONNX model")):
+        cli = CliRunner().invoke(app, ["serve", str(tmp_path / model)])
+        assert cli.exit_code == 2 and problem in cli.output
+        assert len(cli.output.strip().splitlines()) == 1
+    cli = CliRunner().invoke(app, ["serve", str(tmp_path / "foreign.onnx"), "--workers", "0"])
+    assert cli.exit_code == 2 and "--workers" in cli.output
