@@ -89,17 +89,62 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="Store weights and compute in float16."),
 ):
     """Export a checkpoint to ONNX with its metadata, and check it against PyTorch."""
-    raise SegError("`seg export` is not available yet")
+    from training.export import export_onnx
+
+    report = export_onnx(run, out, opset=opset, fp16=fp16)
+    meta = report["metadata"]
+    console = Console()
+    console.print(
+        f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, opset {report['opset']}"
+        f"{', float16' if report['fp16'] else ''}) from {report['checkpoint']} in {report['seconds']:.1f} s",
+        highlight=False, soft_wrap=True,
+    )
+    console.print(
+        f"model {meta['arch']}/{meta['encoder']}, {meta['in_channels']} input channel(s), classes {meta['classes']},"
+        f" stride {meta['stride']}, tile {meta['tile_size']} overlap {meta['overlap']:g}",
+        highlight=False, soft_wrap=True,
+    )
+    for row in report["parity"]:
+        shape = "x".join(map(str, row["shape"]))
+        console.print(
+            f"parity {shape}: max abs diff {row['max_abs_diff']:.2e} (bound {row['bound']:.1e}, {report['provider']})",
+            highlight=False,
+        )
 
 
 @app.command()
 @user_errors
 def predict(
-    inputs: list[str] = typer.Argument(..., help="[MODEL] then image files, folders or globs."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    inputs: list[str] = typer.Argument(..., help="[MODEL.onnx] then image files, folders (recursive) or globs."),
+    out: Path = typer.Option(..., "--out", help="Output folder (same relative paths and stems as the inputs)."),
+    tile: Optional[int] = typer.Option(None, help="Tile side in pixels (default: the model's)."),
+    overlap: Optional[float] = typer.Option(None, help="Tile overlap fraction in [0, 1) (default: the model's)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: physical cores)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write STEM.overlay.png, the image with the coloured mask."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32."),
+    confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),
+    fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG) or tif (tiled TIFF)."),
+    force: bool = typer.Option(False, "--force", help="Predict again even where the outputs exist."),
 ):
     """Segment images by tiles with an ONNX model (the bundled one by default)."""
-    raise SegError("`seg predict` is not available yet")
+    from seg.batch import run_batch, split_model
+
+    model, items = split_model(inputs)
+    summary = run_batch(
+        model, items, out, tile=tile, overlap=overlap, batch_size=batch_size, device=device, threads=threads,
+        tta=tta, overlay=overlay, probabilities=probabilities, confidence=confidence, fmt=fmt, force=force,
+        console=err,
+    )
+    err.print(
+        f"{summary['ok']} predicted, {summary['skipped']} skipped, {summary['failed']} failed"
+        f" in {summary['seconds']:.1f} s; summary: {summary['summary_path']}",
+        highlight=False, soft_wrap=True,
+    )
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -108,10 +153,27 @@ def serve(
     model: Optional[Path] = typer.Argument(None, help="ONNX model (default: the bundled one)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(3000, help="Port."),
-    workers: int = typer.Option(1, help="Worker processes."),
+    workers: int = typer.Option(1, help="Worker processes (each loads its own copy of the model)."),
 ):
-    """Start the HTTP service."""
-    raise SegError("`seg serve` is not available yet")
+    """Start the HTTP service (BentoML): segment, segment_json, overlay, info; limits from SEG_* variables."""
+    import os
+
+    from seg.predictor import Predictor
+    from serving.settings import BUNDLED_MODEL
+
+    path = (model or Path(os.environ.get("SEG_MODEL") or BUNDLED_MODEL)).resolve()
+    if path == BUNDLED_MODEL.resolve() and not path.is_file():
+        raise SegError(f"{path}: no bundled model yet; pass one: seg serve model.onnx (see `seg export`)")
+    if workers < 1:
+        raise SegError(f"--workers {workers}: must be at least 1")
+    Predictor(path, device="cpu")  # a missing or foreign file fails here, with one line, not in every worker
+    env = {**os.environ, "SEG_MODEL": str(path), "SEG_WORKERS": str(workers), "BENTOML_DO_NOT_TRACK": "True"}
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Segmentation", "--host", host,
+               "--port", str(port), "--working-dir", str(root)]  # fmt: skip
+    err.print(f"serving {path} on http://{host}:{port} (API docs at /, health at /readyz)", soft_wrap=True)
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)  # become the server: signals reach it directly
 
 
 @app.command()

@@ -1,0 +1,318 @@
+"""`seg predict`: many images through one `Predictor`, resumable, with a JSON summary.
+
+For each input image, under `out` with the input's relative path and stem:
+
+    STEM.png | STEM.tif         the mask (palette PNG, or tiled TIFF with --format tif)
+    STEM.overlay.png            the image with the coloured mask (--overlay)
+    STEM.probs.tif              (H, W, K) float32 class probabilities (--probabilities)
+    STEM.confidence.tif         (H, W) float32 probability of the chosen class (--confidence)
+    summary.json                per image: size, seconds, pixels per class, outputs, status
+
+Outputs are written atomically, the mask last, so a killed run leaves no half-written file under a
+final name; a rerun skips images whose outputs all exist whole (unless `force`). An image that cannot
+be read is reported and skipped; the summary counts it as failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.text import Text
+
+from seg.errors import SegError
+from seg.imageio import atomic_path, is_image_file
+from seg.predictor import Predictor, image_size, output_is_whole
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "model.onnx"
+FORMATS = ("png", "tif")
+LARGE_IMAGE_TILES = 16  # images with more tiles get their own progress bar
+
+
+@dataclass
+class Job:
+    """One input image and the files it produces."""
+
+    source: Path
+    relative: Path  # the input's path below the folder or glob it came from
+    outputs: dict[str, Path] = field(default_factory=dict)
+    error: str | None = None  # set when the input cannot be processed at all
+
+
+def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
+    """The model (an .onnx first argument, else the bundled one) and the image arguments."""
+    items = list(inputs)
+    if items and items[0].lower().endswith(".onnx"):
+        model, items = Path(items[0]), items[1:]
+        if not model.is_file():
+            raise SegError(f"{model}: no such ONNX model")
+    else:
+        model = BUNDLED_MODEL
+        if not model.is_file():
+            raise SegError(
+                f"no model given and the bundled model {model} is missing: pass MODEL.onnx as the first argument"
+            )
+    if not items:
+        raise SegError("no input images given (files, folders or globs after the model)")
+    return model, items
+
+
+def expand_inputs(items: Sequence[str], exclude: Path | None = None) -> list[Job]:
+    """Image files from files, folders (recursive) and globs; missing ones become failed jobs.
+
+    Args:
+        items: file paths, folder paths or glob patterns (`**` recurses).
+        exclude: a folder whose files are never inputs (the output folder).
+
+    Returns:
+        Jobs in the order given (folders and globs sorted), each source once.
+    """
+    exclude = exclude.resolve() if exclude is not None else None
+    jobs: list[Job] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, relative: Path) -> None:
+        key = path.resolve()
+        if key in seen or (exclude is not None and key.is_relative_to(exclude)):
+            return
+        seen.add(key)
+        jobs.append(Job(path, relative))
+
+    for item in items:
+        path = Path(item)
+        if glob.has_magic(item) and not path.exists():
+            base = _glob_base(item)
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            files = [m for m in matches if m.is_file() and is_image_file(m)]
+            if not files:
+                jobs.append(Job(path, Path(path.name), error=f"{item}: no image files match"))
+            for m in files:
+                add(m, m.relative_to(base) if m.is_relative_to(base) else Path(m.name))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not _hidden(p, path))
+            if not files:
+                jobs.append(Job(path, Path(path.name), error=f"{path}: no image files in this folder"))
+            for f in files:
+                add(f, f.relative_to(path))
+        elif path.is_file():
+            add(path, Path(path.name))
+        else:
+            jobs.append(Job(path, Path(path.name), error=f"{path}: no such file or folder"))
+    return jobs
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard."""
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilities: bool, confidence: bool) -> None:
+    """Fill in each job's output paths; a second input that would write the same files fails."""
+    owners: dict[Path, Path] = {}
+    for job in jobs:
+        if job.error:
+            continue
+        stem = out / job.relative.parent / job.relative.stem
+        job.outputs = {"mask": stem.with_name(f"{stem.name}.{fmt}")}
+        if overlay:
+            job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.png")
+        if probabilities:
+            job.outputs["probabilities"] = stem.with_name(f"{stem.name}.probs.tif")
+        if confidence:
+            job.outputs["confidence"] = stem.with_name(f"{stem.name}.confidence.tif")
+        mask = job.outputs["mask"]
+        if mask in owners:
+            job.error = f"{job.source}: its output {mask} is already that of {owners[mask]}; rename one of them"
+        else:
+            owners[mask] = job.source
+
+
+def is_done(job: Job) -> bool:
+    """True when every output of the job exists whole, with the input's size."""
+    size = image_size(job.source)
+    if size is None:
+        return False
+    return all(output_is_whole(path, *size) for path in job.outputs.values())
+
+
+def run_batch(
+    model: str | Path,
+    items: Sequence[str],
+    out: str | Path,
+    tile: int | None = None,
+    overlap: float | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    threads: int | None = None,
+    tta: bool = False,
+    overlay: bool = False,
+    probabilities: bool = False,
+    confidence: bool = False,
+    fmt: str = "png",
+    force: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Predict every input image into `out`; returns the summary (also written to out/summary.json).
+
+    Args:
+        model: the ONNX model.
+        items: image files, folders (recursive) or globs.
+        out: the output folder.
+        tile, overlap, batch_size, device, threads, tta: see `seg.predictor.Predictor`.
+        overlay: also write STEM.overlay.png.
+        probabilities: also write STEM.probs.tif.
+        confidence: also write STEM.confidence.tif.
+        fmt: the mask's format, "png" or "tif".
+        force: predict again even when the outputs exist.
+        console: where progress and messages go (default: stderr).
+
+    Raises:
+        SegError: a bad option or model; failures of single images are reported in the summary instead.
+    """
+    console = console or Console(stderr=True)
+    if fmt not in FORMATS:
+        raise SegError(f"--format {fmt!r}: choose png or tif")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SegError(f"--out {out}: exists and is not a folder")
+    predictor = Predictor(model, device=device, threads=threads, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    jobs = expand_inputs(items, exclude=out)
+    plan_outputs(jobs, out, fmt, overlay, probabilities, confidence)
+    console.print(
+        f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.num_classes} classes)"
+        f" on {predictor.device}; tile {predictor.tile}, overlap {predictor.overlap:g}, batch {predictor.batch_size}"
+        f"{', flip TTA' if tta else ''}; {len(jobs)} input(s)",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    summary_path = out / "summary.json"
+    previous = _previous_entries(summary_path)
+    entries: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    with _Progress(console, len(jobs)) as progress:
+        for job in jobs:
+            entry = _run_job(predictor, job, force, previous, progress)
+            entries.append(entry)
+            progress.image_done(job, entry)
+    counts = {status: sum(e["status"] == status for e in entries) for status in ("ok", "skipped", "failed")}
+    summary = {
+        "model": str(predictor.path),
+        "model_name": predictor.info.name,
+        "provider": predictor.provider,
+        "classes": predictor.class_names,
+        "tile": predictor.tile,
+        "overlap": predictor.overlap,
+        "batch_size": predictor.batch_size,
+        "tta": tta,
+        "format": fmt,
+        **counts,
+        "seconds": round(time.perf_counter() - start, 3),
+        "images": entries,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    summary["summary_path"] = str(summary_path)
+    return summary
+
+
+def _run_job(predictor: Predictor, job: Job, force: bool, previous: dict[str, dict], progress: "_Progress") -> dict[str, Any]:
+    entry: dict[str, Any] = {"input": str(job.source), "outputs": {k: str(v) for k, v in job.outputs.items()}}
+    if job.error:
+        return {**entry, "status": "failed", "error": job.error}
+    if not force and is_done(job):
+        old = previous.get(str(job.source), {})
+        kept = {k: old[k] for k in ("height", "width", "seconds", "pixels_per_class") if k in old}
+        return {**entry, **kept, "status": "skipped"}
+    paths = job.outputs
+    try:
+        on_tiles = progress.start_image(job, predictor)
+        result = predictor.predict_file(
+            job.source, paths["mask"], probabilities_path=paths.get("probabilities"),
+            confidence_path=paths.get("confidence"), overlay_path=paths.get("overlay"), on_tiles=on_tiles,
+        )  # fmt: skip
+    except Exception as err:  # one image's failure (unreadable, corrupt, out of memory) must not stop the run
+        text = str(err) if isinstance(err, SegError) else f"{type(err).__name__}: {err}"
+        message = text if str(job.source) in text else f"{job.source}: {text}"
+        return {**entry, "status": "failed", "error": message}
+    finally:
+        progress.end_image()
+    keep = ("height", "width", "channels", "dtype", "tiles", "seconds", "pixels_per_class")
+    return {**entry, **{k: result[k] for k in keep}, "status": "ok"}
+
+
+def _previous_entries(path: Path) -> dict[str, dict]:
+    """Entries of an earlier summary, by input path (kept for images skipped on resume)."""
+    try:
+        return {e["input"]: e for e in json.loads(path.read_text())["images"] if e.get("status") != "failed"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+class _Progress:
+    """A rich bar over images (and over tiles for large images) on a terminal; plain lines otherwise."""
+
+    def __init__(self, console: Console, total: int):
+        self.console, self.total, self.done = console, total, 0
+        self.bar = None
+        self.tile_task = None
+        if console.is_terminal and not os.environ.get("CI"):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=console, transient=True,
+            )  # fmt: skip
+            self.image_task = self.bar.add_task("images", total=total)
+
+    def __enter__(self) -> "_Progress":
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def start_image(self, job: Job, predictor: Predictor):
+        """A tile callback for a large image (its own bar), else None."""
+        if self.bar is None:
+            return None
+        size = image_size(job.source)
+        tiles = predictor.tile_count(*size) if size else 0
+        if tiles <= LARGE_IMAGE_TILES:
+            return None
+        self.tile_task = self.bar.add_task(f"  tiles of {job.relative}", total=tiles)
+        return lambda n: self.bar.update(self.tile_task, advance=n)
+
+    def end_image(self) -> None:
+        if self.bar is not None and self.tile_task is not None:
+            self.bar.remove_task(self.tile_task)
+            self.tile_task = None
+
+    def image_done(self, job: Job, entry: dict[str, Any]) -> None:
+        self.done += 1
+        status = entry["status"]
+        if status == "failed":
+            line = Text.assemble(("failed ", "red"), entry["error"])
+        elif status == "skipped":
+            line = Text(f"skipped {job.source} (outputs exist; --force to redo)")
+        else:
+            line = Text(f"ok {job.source} -> {job.outputs['mask']} ({entry['width']}x{entry['height']}, {entry['seconds']:.2f} s)")
+        if self.bar:
+            self.bar.update(self.image_task, advance=1)
+            if status == "failed":
+                self.console.print(line, soft_wrap=True)
+        else:
+            self.console.print(Text(f"[{self.done}/{self.total}] ") + line, soft_wrap=True)

@@ -1,0 +1,107 @@
+"""`seg export`: dynamic shapes, metadata a predictor can live on, the parity check, fp16, and user errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seg.cli import app
+from seg.errors import SegError
+from seg.runtime import create_session, read_model_info
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.export import FP32_TOLERANCE, export_onnx
+
+runner = CliRunner()
+
+
+def test_cli_exports_a_run_folder_with_metadata_and_parity(unet_checkpoint, tmp_path):
+    run = tmp_path / "my_run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(unet_checkpoint, run / "checkpoints" / "best.pt")
+    out = tmp_path / "exported" / "model.onnx"
+
+    result = runner.invoke(app, ["export", str(run), "--out", str(out), "--opset", "17"])
+
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not list(out.parent.glob(".*.tmp"))
+    # Two parity sizes, one of them not a multiple of the stride (32), both within the float32 bound.
+    parity = [line for line in result.output.splitlines() if line.startswith("parity")]
+    sizes = [tuple(int(v) for v in line.split()[1].rstrip(":").split("x")) for line in parity]
+    diffs = [float(line.split("max abs diff ")[1].split()[0]) for line in parity]
+    assert len(sizes) == 2 and any(h % 32 or w % 32 for _, _, h, w in sizes)
+    assert all(d <= FP32_TOLERANCE for d in diffs)
+    assert onnx.load(str(out), load_external_data=False).opset_import[0].version == 17
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    for key in ("seg", "arch", "encoder", "classes", "palette", "in_channels", "normalize", "stride", "tile_size",
+                "overlap", "seg_version"):  # fmt: skip
+        assert key in props, key
+    meta = json.loads(props["seg"])
+    assert meta["name"] == "my_run"
+    assert json.loads(props["classes"]) == ["membrane", "cell"]
+    assert props["arch"] == "unet" and props["encoder"] == "mobilenet_v2"
+    assert int(props["stride"]) == 32 and int(props["tile_size"]) == 256 and float(props["overlap"]) == 0.25
+
+
+def test_metadata_is_everything_a_predictor_needs(unet_onnx, unet_checkpoint):
+    ckpt = load_checkpoint(unet_checkpoint)
+    session, provider = create_session(unet_onnx, device="cpu")
+    info = read_model_info(session, unet_onnx)
+    assert provider == "CPUExecutionProvider"
+    assert info.classes == ckpt["classes"] and info.palette == ckpt["palette"]
+    assert info.in_channels == 1 and info.stride == ckpt["stride"] == 32
+    assert info.normalize.model_dump() == ckpt["normalize"]
+    assert (info.tile_size, info.overlap) == (256, 0.25)
+    assert info.arch == "unet" and info.encoder == "mobilenet_v2" and info.version
+
+
+def test_dynamic_batch_height_width_match_pytorch(unet_onnx, unet_checkpoint):
+    model = model_from_checkpoint(load_checkpoint(unet_checkpoint))
+    session, _ = create_session(unet_onnx, device="cpu")
+    for shape in [(3, 1, 77, 45), (1, 1, 160, 96)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (logits,) = session.run(["logits"], {"image": x.numpy()})
+        assert logits.shape == (shape[0], 2, shape[2], shape[3])
+        assert np.abs(logits - expected).max() <= FP32_TOLERANCE
+
+
+def test_fp16_keeps_float32_io_and_passes_its_bound(unet_checkpoint, unet_onnx, tmp_path):
+    out = tmp_path / "half.onnx"
+    report = export_onnx(unet_checkpoint, out, fp16=True)
+    assert report["fp16"] and out.stat().st_size < 0.6 * unet_onnx.stat().st_size
+    assert all(row["max_abs_diff"] <= row["bound"] for row in report["parity"])
+    session, _ = create_session(out, device="cpu")
+    assert session.get_inputs()[0].type == "tensor(float)" and session.get_outputs()[0].type == "tensor(float)"
+    assert read_model_info(session, out).fp16
+
+
+def test_failed_parity_writes_nothing(unet_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("training.export.FP32_TOLERANCE", -1.0)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(SegError, match="parity check failed"):
+        export_onnx(unet_checkpoint, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["export", "{tmp}/nothing.pt", "--out", "{tmp}/m.onnx"], "no such checkpoint"),
+        (["export", "{ckpt}", "--out", "{tmp}/m.onnx", "--opset", "5"], "--opset 5"),
+        (["export", "{tmp}/garbage.pt", "--out", "{tmp}/m.onnx"], "not a readable checkpoint"),
+    ],
+)
+def test_user_errors_exit_2_naming_the_file(args, message, unet_checkpoint, tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    args = [a.format(tmp=tmp_path, ckpt=unet_checkpoint) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "m.onnx").exists()

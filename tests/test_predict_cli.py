@@ -1,0 +1,232 @@
+"""`seg predict`: inputs (files, folders, globs), outputs beside their relative paths, overlays and extras,
+the JSON summary, resuming, failures, a killed run, and option errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from rich.console import Console
+from typer.testing import CliRunner
+
+from seg.cli import app
+from seg.imageio import read_mask
+from seg.runtime import cuda_usable
+
+from conftest import EM_IMAGES, ROOT, SAMPLES
+
+runner = CliRunner()
+
+
+def predict(*args: str | Path) -> tuple[int, str]:
+    result = runner.invoke(app, ["predict", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture
+def image_tree(tmp_path, em_image) -> Path:
+    """in/a.png (real EM), in/sub/deeper/b.tif (16-bit), in/sub/c.png (RGBA), in/.hidden/h.png, in/notes.txt."""
+    root = tmp_path / "in"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    shutil.copy(SAMPLES / "isbi_test_01.png", root / "a.png")
+    tifffile.imwrite(root / "sub" / "deeper" / "b.tif", em_image[:300, :200].astype(np.uint16) * 257)
+    rgba = np.dstack([em_image[:100, :150]] * 3 + [np.full((100, 150), 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "sub" / "c.png")
+    shutil.copy(SAMPLES / "isbi_test_02.png", root / ".hidden" / "h.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_real_images_end_to_end(unet_onnx, tmp_path):
+    """The exported U-Net on the three real EM samples: masks, overlays and a summary."""
+    out = tmp_path / "out"
+    code, output = predict(unet_onnx, SAMPLES, "--out", out, "--overlay")
+    assert code == 0, output
+    summary = summary_of(out)
+    assert (summary["ok"], summary["failed"], summary["skipped"]) == (3, 0, 0)
+    assert summary["provider"] == "CPUExecutionProvider" and summary["classes"] == ["membrane", "cell"]
+    for entry in summary["images"]:
+        stem = Path(entry["input"]).stem
+        mask = read_mask(out / f"{stem}.png")
+        assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 1}
+        assert (entry["height"], entry["width"]) == (512, 512) and entry["seconds"] > 0
+        counts = entry["pixels_per_class"]
+        assert sum(counts.values()) == 512 * 512 and counts["cell"] == int(mask.sum())
+        with Image.open(out / f"{stem}.overlay.png") as im:
+            assert im.mode == "RGB" and im.size == (512, 512)
+
+
+def test_folders_globs_and_files_keep_relative_paths(conv_onnx, image_tree, tmp_path):
+    out = tmp_path / "out"
+    glob_pattern = str(EM_IMAGES / "0[01].png")
+    code, output = predict(conv_onnx, image_tree, glob_pattern, SAMPLES / "isbi_test_00.png", "--out", out)
+    assert code == 0, output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(
+        ["a.png", "sub/deeper/b.png", "sub/c.png", "00.png", "01.png", "isbi_test_00.png", "summary.json"]
+    )
+    assert read_mask(out / "sub" / "deeper" / "b.png").shape == (300, 200)
+    assert read_mask(out / "sub" / "c.png").shape == (100, 150)
+    assert "[1/6]" in output and "[6/6]" in output  # plain progress lines when not a terminal
+
+
+def test_tif_format_and_extra_outputs(conv_onnx, image_tree, tmp_path):
+    out = tmp_path / "out"
+    code, output = predict(
+        conv_onnx, image_tree / "sub", "--out", out, "--format", "tif", "--probabilities", "--confidence", "--overlay",
+        "--tile", "64", "--overlap", "0.5", "--batch-size", "3", "--tta",
+    )  # fmt: skip
+    assert code == 0, output
+    with tifffile.TiffFile(out / "deeper" / "b.tif") as tif:
+        assert tif.pages.first.is_tiled and tif.pages.first.shape == (300, 200)
+    probs = tifffile.imread(out / "deeper" / "b.probs.tif")
+    assert probs.shape == (300, 200, 2)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tifffile.imread(out / "deeper" / "b.confidence.tif"), probs.max(-1))
+    assert (out / "deeper" / "b.overlay.png").is_file() and (out / "c.overlay.png").is_file()
+    summary = summary_of(out)
+    assert (summary["tile"], summary["overlap"], summary["batch_size"], summary["tta"]) == (64, 0.5, 3, True)
+
+
+def test_rerun_skips_whole_outputs_and_redoes_partial_ones(conv_onnx, image_tree, tmp_path):
+    out = tmp_path / "out"
+    assert predict(conv_onnx, image_tree, "--out", out)[0] == 0
+    first = summary_of(out)
+    stamp = (out / "a.png").stat().st_mtime_ns
+    # A killed run's leftovers: a temp file, and a mask cut short (as if written by something non-atomic).
+    (out / ".a.x1y2.png.tmp").write_bytes(b"partial")
+    cut = out / "sub" / "c.png"
+    cut.write_bytes(cut.read_bytes()[:100])
+
+    code, output = predict(conv_onnx, image_tree, "--out", out)
+
+    assert code == 0, output
+    entries = {Path(e["input"]).name: e for e in summary_of(out)["images"]}
+    assert entries["a.png"]["status"] == "skipped" and entries["b.tif"]["status"] == "skipped"
+    assert entries["c.png"]["status"] == "ok"
+    assert read_mask(cut).shape == (100, 150)
+    assert (out / "a.png").stat().st_mtime_ns == stamp
+    # Skipped images keep their numbers from the earlier summary.
+    old = {Path(e["input"]).name: e for e in first["images"]}
+    assert entries["a.png"]["pixels_per_class"] == old["a.png"]["pixels_per_class"]
+
+    code, output = predict(conv_onnx, image_tree, "--out", out, "--force")
+    assert code == 0 and summary_of(out)["ok"] == 3
+    assert (out / "a.png").stat().st_mtime_ns != stamp
+
+    # Asking for an overlay later: the existing mask alone does not make the image done.
+    predict(conv_onnx, image_tree, "--out", out, "--overlay")
+    assert summary_of(out)["ok"] == 3 and (out / "a.overlay.png").is_file()
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(conv_onnx, image_tree):
+    out = image_tree / "predictions"
+    assert predict(conv_onnx, image_tree, "--out", out)[0] == 0
+    assert predict(conv_onnx, image_tree, "--out", out)[0] == 0
+    summary = summary_of(out)
+    assert summary["skipped"] == 3 and not any("predictions" in e["input"] for e in summary["images"])
+
+
+def test_unreadable_inputs_are_reported_skipped_and_exit_1(conv_onnx, image_tree, tmp_path):
+    (image_tree / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    (image_tree / "a.tif").write_bytes(b"II*\x00garbage")  # also collides with a.png's output
+    out = tmp_path / "out"
+
+    code, output = predict(conv_onnx, image_tree, tmp_path / "missing.png", "--out", out)
+
+    assert code == 1
+    summary = summary_of(out)
+    assert summary["ok"] == 3 and summary["failed"] == 3
+    errors = {Path(e["input"]).name: e["error"] for e in summary["images"] if e["status"] == "failed"}
+    assert "broken.png" in errors["broken.png"] and "missing.png" in errors["missing.png"]
+    assert "already that of" in errors["a.tif"] or "already that of" in errors["a.png"]
+    assert "broken.png" in output and "3 failed" in output
+    assert read_mask(out / "sub" / "c.png").shape == (100, 150)
+
+
+def test_bundled_model_is_the_default(conv_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr("seg.batch.BUNDLED_MODEL", tmp_path / "assets" / "model.onnx")
+    code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
+    assert code == 2 and "bundled model" in output and "missing" in output
+
+    monkeypatch.setattr("seg.batch.BUNDLED_MODEL", conv_onnx)
+    code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
+    assert code == 0, output
+    assert summary_of(tmp_path / "out")["model"] == str(conv_onnx)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--format", "jpg"], "--format"),
+        (["--overlap", "1.5"], "overlap"),
+        (["--device", "tpu"], "--device"),
+        (["--batch-size", "0"], "batch size"),
+    ],
+)
+def test_option_errors_exit_2(conv_onnx, tmp_path, options, message):
+    code, output = predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out", *options)
+    assert code == 2 and message in output
+
+
+@pytest.mark.skipif(cuda_usable(), reason="a GPU is usable here")
+def test_cuda_without_gpu_is_a_clear_error(conv_onnx, tmp_path):
+    code, output = predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out", "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in output
+
+
+def test_no_inputs_after_the_model(conv_onnx, tmp_path):
+    code, output = predict(conv_onnx, "--out", tmp_path / "out")
+    assert code == 2 and "no input images" in output
+
+
+def test_killed_run_leaves_no_half_written_mask(conv_onnx, tmp_path):
+    """Kill `seg predict` while it writes a big mask: no file under the final name; a rerun completes it."""
+    rng = np.random.default_rng(0)
+    big = tmp_path / "in" / "big.tif"
+    big.parent.mkdir()
+    tifffile.imwrite(big, rng.integers(0, 256, (6000, 2000), dtype=np.uint8), rowsperstrip=64, compression="zlib")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "seg.cli", "predict", str(conv_onnx), str(big), "--out", str(out), "--format", "tif"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".big.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the prediction finished before it could be killed")
+    assert not (out / "big.tif").exists()
+
+    code, output = predict(conv_onnx, big, "--out", out, "--format", "tif")
+
+    assert code == 0, output
+    assert tifffile.imread(out / "big.tif").shape == (6000, 2000)
+
+
+def test_progress_bars_on_a_terminal(conv_onnx, tmp_path):
+    from seg.batch import run_batch
+
+    tifffile.imwrite(tmp_path / "wide.tif", np.zeros((300, 3000), np.uint8))
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=100)
+    summary = run_batch(conv_onnx, [str(tmp_path / "wide.tif"), str(SAMPLES)], tmp_path / "out", console=console)
+    assert summary["ok"] == 4 and "model" in stream.getvalue()

@@ -1,0 +1,307 @@
+"""The ONNX predictor: seamless tiles, parity with PyTorch, every image kind, band-by-band files with
+bounded memory, devices and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from seg.errors import ImageError, SegError
+from seg.imageio import read_mask
+from seg.predictor import ArraySource, Predictor, TiffSource, open_image, output_is_whole
+from seg.runtime import cuda_usable
+from seg.tiling import softmax, tile_grid
+
+
+def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth-ish RGB test picture (gradients plus noise), uint8."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
+    return (base + rng.integers(0, 40, (height, width, 3))).clip(0, 255).astype(np.uint8)
+
+
+# -- the inference path --------------------------------------------------------------------------------
+def test_inference_path_does_not_import_torch():
+    code = "import sys, seg.predictor, seg.runtime, seg.batch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_tiled_mask_is_seamless_on_1024(unet_onnx, em_mosaic):
+    """Tiles of 256 with 25% overlap against one pass over the whole 1024x1024 image (both with the same
+    reflected border, so only the tiling differs)."""
+    tiled = Predictor(unet_onnx, device="cpu", tile=256, overlap=0.25)
+    margin = tile_grid(1024, 1024, 256, 0.25, 32)["margin"]
+    x = tiled._row_reader(ArraySource(em_mosaic))(0, 1024)
+    padded = np.pad(x, ((0, 0), (margin, margin), (margin, margin)), mode="reflect")
+    whole = softmax(tiled.run(padded[None]))[0, :, margin:-margin, margin:-margin].argmax(0)
+
+    mask = tiled.predict(em_mosaic).mask
+
+    assert 0.1 < mask.mean() < 0.9  # both classes present: the comparison means something
+    agreement = (mask == whole).mean()
+    assert agreement >= 0.995, agreement
+
+
+def test_matches_the_pytorch_tiled_path(unet_onnx, unet_checkpoint, em_image):
+    import torch
+
+    from seg.preprocess import Normalization, normalize
+    from seg.tiling import predict_array
+    from training.checkpoint import load_checkpoint, model_from_checkpoint, torch_runner
+
+    image = em_image[:200, :300]  # 4 tiles: PyTorch eager is slow on the CPU
+    ckpt = load_checkpoint(unet_checkpoint)
+    run = torch_runner(model_from_checkpoint(ckpt), torch.device("cpu"))
+    x = normalize(image[..., None], Normalization(**ckpt["normalize"]))
+    expected = predict_array(x, run, tile=256, overlap=0.25, multiple=32)
+
+    got = Predictor(unet_onnx, device="cpu").predict(image, probabilities=True, confidence=True)
+
+    assert np.abs(got.probabilities - expected).max() < 1e-3
+    assert (got.mask == expected.argmax(0)).mean() > 0.999
+    np.testing.assert_allclose(got.confidence, got.probabilities.max(0))
+    assert got.mask.dtype == np.uint8 and got.seconds > 0
+
+
+# -- image kinds ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 1001), (300, 47), (513, 257)])
+def test_any_size_gives_a_mask_of_that_size(conv_onnx, shape):
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    result = Predictor(conv_onnx, device="cpu").predict(image, probabilities=True)
+    assert result.mask.shape == shape
+    assert result.probabilities.shape == (2, *shape)
+    np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+
+
+def test_16_bit_and_8_bit_give_the_same_mask(conv_onnx, em_image, tmp_path):
+    predictor = Predictor(conv_onnx, device="cpu")
+    tifffile.imwrite(tmp_path / "em16.tif", em_image.astype(np.uint16) * 257)
+    eight = predictor.predict(em_image).mask
+    predictor.predict_file(tmp_path / "em16.tif", tmp_path / "mask.png")
+    assert (read_mask(tmp_path / "mask.png") == eight).mean() > 0.999
+
+
+def test_channels_are_converted_per_metadata(conv_onnx_factory, tmp_path):
+    rgb_model = Predictor(conv_onnx_factory(in_channels=3), device="cpu")
+    grey_model = Predictor(conv_onnx_factory(in_channels=1), device="cpu")
+    rgb = _rgb(40, 60)
+    rgba = np.concatenate([rgb, np.full((40, 60, 1), 7, np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+
+    # RGBA PNG into an RGB model: the alpha channel is dropped.
+    rgb_model.predict_file(tmp_path / "rgba.png", tmp_path / "rgba_mask.png")
+    assert np.array_equal(read_mask(tmp_path / "rgba_mask.png"), rgb_model.predict(rgb).mask)
+    # Grey into an RGB model (repeated) and RGB into a grey model (luminance) both work.
+    assert rgb_model.predict(rgb[..., 0]).mask.shape == (40, 60)
+    assert grey_model.predict(rgb).mask.shape == (40, 60)
+
+
+@pytest.mark.parametrize("planar", [False, True])
+def test_multichannel_tiff(conv_onnx_factory, tmp_path, planar):
+    predictor = Predictor(conv_onnx_factory(in_channels=5, classes=3), device="cpu")
+    image = np.random.default_rng(1).integers(0, 4096, (70, 90, 5), dtype=np.uint16)
+    stored = np.moveaxis(image, -1, 0) if planar else image
+    tifffile.imwrite(tmp_path / "multi.tif", stored, photometric="minisblack", rowsperstrip=16)
+
+    summary = predictor.predict_file(tmp_path / "multi.tif", tmp_path / "multi_mask.tif")
+
+    assert summary["channels"] == 5 and summary["dtype"] == "uint16"
+    assert np.array_equal(tifffile.imread(tmp_path / "multi_mask.tif"), predictor.predict(image).mask)
+    with pytest.raises(ImageError, match="multi.tif.*5 channels"):
+        Predictor(conv_onnx_factory(in_channels=3), device="cpu").predict_file(tmp_path / "multi.tif", tmp_path / "x.png")
+
+
+def test_percentile_normalisation_same_in_memory_and_from_file(conv_onnx_factory, tmp_path):
+    norm = {"mode": "percentile", "low": 1.0, "high": 99.0, "mean": [0.5], "std": [0.25]}
+    predictor = Predictor(conv_onnx_factory(normalize=norm), device="cpu")
+    image = (np.random.default_rng(2).normal(1000, 200, (300, 400))).clip(0, 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "p.tif", image, rowsperstrip=32, compression="zlib")
+    tifffile.imwrite(tmp_path / "p_plain.tif", image)
+    expected = predictor.predict(image).mask
+    for name in ("p.tif", "p_plain.tif"):
+        predictor.predict_file(tmp_path / name, tmp_path / f"{name}.mask.tif")
+        assert np.array_equal(tifffile.imread(tmp_path / f"{name}.mask.tif"), expected), name
+
+
+def test_flip_tta_runs_four_flips_per_tile(conv_onnx, em_image):
+    calls = {"plain": 0, "tta": 0}
+    for mode in calls:
+        predictor = Predictor(conv_onnx, device="cpu", tta=mode == "tta")
+        bare = predictor.run
+
+        def counting(batch, bare=bare, mode=mode):
+            calls[mode] += 1
+            return bare(batch)
+
+        predictor.run = counting
+        result = predictor.predict(em_image, probabilities=True)
+        np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+    assert calls["tta"] == 4 * calls["plain"] > 0
+
+
+# -- files, band by band -------------------------------------------------------------------------------
+def test_big_striped_tiff_memory_does_not_grow_with_height(conv_onnx_factory, tmp_path):
+    """12000 rows cost no more memory than 3000 rows of the same width: nothing holds the whole image.
+    (Correctness of the banded path is checked on every TIFF layout below.)"""
+    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu")
+    peaks = {}
+    for height in (3000, 12000):
+        path = tmp_path / f"big{height}.tif"
+        tifffile.imwrite(path, _rgb(height, 500, seed=height), rowsperstrip=64, compression="zlib")
+        tracemalloc.start()
+        summary = predictor.predict_file(path, tmp_path / f"m{height}.tif", confidence_path=tmp_path / f"c{height}.tif")
+        peaks[height] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (summary["height"], summary["width"]) == (height, 500)
+        assert tifffile.imread(tmp_path / f"m{height}.tif").shape == (height, 500)
+    assert peaks[12000] < 1.3 * peaks[3000], peaks
+    assert peaks[12000] < 0.5 * 12000 * 500 * 3 * 4, peaks  # half the normalised float32 image
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"rowsperstrip": 64, "compression": "zlib"},
+        {"tile": (128, 128), "compression": "zlib"},
+        {},  # uncompressed, one contiguous strip (tifffile's default)
+        {"planarconfig": "separate"},
+    ],
+    ids=["striped", "tiled", "contiguous", "planar"],
+)
+def test_tiff_layouts_are_read_by_bands(conv_onnx_factory, tmp_path, layout, monkeypatch):
+    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu", tile=128)
+    rows_read: list[int] = []
+    read = TiffSource.read
+    monkeypatch.setattr(TiffSource, "read", lambda self, y0, y1: rows_read.append(y1 - y0) or read(self, y0, y1))
+    image = _rgb(700, 300)
+    stored = np.moveaxis(image, -1, 0) if layout.get("planarconfig") == "separate" else image
+    tifffile.imwrite(tmp_path / "in.tif", stored, photometric="rgb", **layout)
+
+    predictor.predict_file(tmp_path / "in.tif", tmp_path / "mask.tif")
+
+    assert max(rows_read) <= predictor.tile  # never more than one tile row (overlap included) at once
+    assert np.array_equal(tifffile.imread(tmp_path / "mask.tif"), predictor.predict(image).mask)
+
+
+def test_written_files_are_tiled_tiffs_and_palette_pngs(conv_onnx, em_image, tmp_path):
+    predictor = Predictor(conv_onnx, device="cpu")
+    summary = predictor.predict_file(
+        _save_png(em_image, tmp_path / "em.png"),
+        tmp_path / "mask.tif", probabilities_path=tmp_path / "p.tif", confidence_path=tmp_path / "c.tif",
+        overlay_path=tmp_path / "o.png",
+    )  # fmt: skip
+    expected = predictor.predict(em_image, probabilities=True, confidence=True)
+    with tifffile.TiffFile(tmp_path / "mask.tif") as tif:
+        page = tif.pages.first
+        assert page.is_tiled and page.compression == 8 and page.dtype == np.uint8  # 8: zlib/deflate
+        assert np.array_equal(page.asarray(), expected.mask)
+    probs = tifffile.imread(tmp_path / "p.tif")
+    assert probs.shape == (512, 512, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.transpose(2, 0, 1), expected.probabilities, atol=1e-6)
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "c.tif"), expected.confidence, atol=1e-6)
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "RGB" and im.size == (512, 512)
+    assert summary["pixels_per_class"] == expected.pixels_per_class(predictor.class_names)
+    assert sum(summary["pixels_per_class"].values()) == 512 * 512
+
+    predictor.predict_file(tmp_path / "em.png", tmp_path / "mask.png")
+    with Image.open(tmp_path / "mask.png") as im:
+        assert im.mode == "P" and im.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
+        assert np.array_equal(np.asarray(im), expected.mask)
+
+
+def _save_png(image: np.ndarray, path):
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_more_than_256_classes_give_16_bit_masks(conv_onnx_factory, tmp_path):
+    predictor = Predictor(conv_onnx_factory(classes=300), device="cpu", tile=64)
+    image = np.random.default_rng(3).integers(0, 256, (50, 70), dtype=np.uint8)
+    expected = predictor.predict(image).mask
+    assert expected.dtype == np.uint16
+    _save_png(image, tmp_path / "i.png")
+    predictor.predict_file(tmp_path / "i.png", tmp_path / "m.png")
+    assert np.array_equal(read_mask(tmp_path / "m.png"), expected)
+
+
+def test_png_past_pillows_bomb_limit_is_decoded(conv_onnx, em_image, tmp_path, monkeypatch):
+    _save_png(em_image, tmp_path / "em.png")
+    predictor = Predictor(conv_onnx, device="cpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 512 x 512 is now a "bomb" for Pillow
+        predictor.predict_file(tmp_path / "em.png", tmp_path / "m.png")
+    assert np.array_equal(read_mask(tmp_path / "m.png"), predictor.predict(em_image).mask)
+
+
+# -- errors --------------------------------------------------------------------------------------------
+def test_corrupt_and_truncated_files_are_image_errors_and_leave_nothing(conv_onnx, em_image, tmp_path):
+    predictor = Predictor(conv_onnx, device="cpu")
+    (tmp_path / "in").mkdir()
+    good = _save_png(em_image, tmp_path / "in" / "good.png").read_bytes()
+    (tmp_path / "in" / "cut.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "in" / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    tifffile.imwrite(tmp_path / "in" / "cut.tif", _rgb(600, 500), rowsperstrip=16, compression="zlib")
+    data = (tmp_path / "in" / "cut.tif").read_bytes()
+    (tmp_path / "in" / "cut.tif").write_bytes(data[: len(data) // 2])
+    for name in ("cut.png", "noise.png", "cut.tif"):
+        with pytest.raises(ImageError, match=name):
+            predictor.predict_file(tmp_path / "in" / name, tmp_path / "out" / f"{name}.png")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(ImageError, match="no such file"):
+        open_image(tmp_path / "missing.png")
+
+
+def test_output_is_whole_rejects_partial_files(conv_onnx, em_image, tmp_path):
+    predictor = Predictor(conv_onnx, device="cpu")
+    _save_png(em_image, tmp_path / "em.png")
+    for suffix in ("png", "tif"):
+        out = tmp_path / f"m.{suffix}"
+        predictor.predict_file(tmp_path / "em.png", out)
+        assert output_is_whole(out, 512, 512)
+        assert not output_is_whole(out, 512, 511)
+        cut = tmp_path / f"cut.{suffix}"
+        cut.write_bytes(out.read_bytes()[:-20])
+        assert not output_is_whole(cut, 512, 512)
+
+
+def test_device_and_option_errors(conv_onnx, tmp_path):
+    assert Predictor(conv_onnx, device="auto").provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert Predictor(conv_onnx, device="cpu").device == "cpu"
+    with pytest.raises(SegError, match="--device"):
+        Predictor(conv_onnx, device="tpu")
+    if not cuda_usable():
+        with pytest.raises(SegError, match="no CUDA GPU"):
+            Predictor(conv_onnx, device="cuda")
+    with pytest.raises(SegError, match="overlap"):
+        Predictor(conv_onnx, overlap=1.0)
+    with pytest.raises(SegError, match="no such ONNX model"):
+        Predictor(tmp_path / "none.onnx")
+
+
+def test_onnx_without_seg_metadata_is_refused(conv_onnx, tmp_path):
+    import onnx
+
+    model = onnx.load(str(conv_onnx))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(SegError, match="foreign.onnx.*no seg metadata"):
+        Predictor(tmp_path / "foreign.onnx")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(unet_onnx, em_image):
+    gpu = Predictor(unet_onnx, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider"
+    a = gpu.predict(em_image, probabilities=True).probabilities
+    b = Predictor(unet_onnx, device="cpu").predict(em_image, probabilities=True).probabilities
+    assert np.abs(a - b).max() < 1e-3
