@@ -209,7 +209,8 @@ def test_killed_run_leaves_no_half_written_mask(conv_onnx, tmp_path):
         deadline = time.monotonic() + 60
         while not list(out.glob(".big.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     if proc.returncode == 0:
