@@ -21,6 +21,7 @@ demo: $(BIN)/seg
 
 bench: $(BIN)/seg
 	$(BIN)/python bench/tiled.py
+	$(BIN)/python bench/service.py
 	$(BIN)/python bench/train_throughput.py
 
 clean:
