@@ -36,7 +36,7 @@ from seg.errors import ImageError, SegError
 from seg.imageio import TIFF_SUFFIXES, atomic_path, default_palette, overlay, read_image, to_channels
 from seg.preprocess import intensity_range, normalize
 from seg.runtime import ModelInfo, create_session, describe_provider, read_model_info
-from seg.tiling import predict_tiled, tile_grid
+from seg.tiling import predict_tiled, round_up, tile_grid
 
 SAMPLE_PIXELS = 4_000_000  # pixels read for percentile normalisation and display ranges
 LARGE_PIXELS = 64_000_000  # beyond this, a TIFF's percentile sample comes from 32 bands, not a full pass
@@ -351,7 +351,7 @@ class ImageSource:
         Reads the image once, band by band; `ArraySource` gives the same pixels by plain slicing.
         """
         step = _sample_step(self.height, self.width, max_pixels)
-        band = _round_up(1024, step)
+        band = round_up(1024, step)
         return np.concatenate([self.read(y, y + band)[::step, ::step] for y in range(0, self.height, band)])
 
     def close(self) -> None:
@@ -707,7 +707,7 @@ class TiffBandWriter(BandWriter):
 
     def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1):
         self.height, self.width, self.samples, self.dtype = height, width, samples, np.dtype(dtype)
-        self.tile = (min(WRITE_TILE, _round_up(height, 16)), min(WRITE_TILE, _round_up(width, 16)))
+        self.tile = (min(WRITE_TILE, round_up(height, 16)), min(WRITE_TILE, round_up(width, 16)))
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(path,), name="tiff-writer", daemon=True)
@@ -780,10 +780,6 @@ class TiffBandWriter(BandWriter):
             except queue.Full:
                 pass
         self.thread.join(timeout=10)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def output_is_whole(path: str | Path, height: int, width: int) -> bool:
