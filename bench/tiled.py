@@ -41,13 +41,9 @@ BUNDLED_CONFIG = ROOT / "configs" / "unet_isbi2012.yaml"
 
 # -- memory --------------------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """Peak resident set size of this process so far: VmHWM (ru_maxrss would include the parent's RSS at
+    fork, which Linux carries across exec)."""
+    return _vm_hwm_mb(os.getpid())
 
 
 # -- inputs --------------------------------------------------------------------------------------------
@@ -94,7 +90,9 @@ def make_models(names: list[str]) -> dict[str, dict[str, Any]]:
         onnx_path, ckpt_path = WORK / f"{name}.onnx", WORK / f"{name}.pt"
         note = ""
         if name == "bundled" and BUNDLED.is_file():
-            models[name] = {"onnx": BUNDLED, "checkpoint": None, "note": "seg/assets/model.onnx"}
+            models[name] = {"onnx": BUNDLED, "checkpoint": _bundled_checkpoint(), "note": "seg/assets/model.onnx"}
+            if models[name]["checkpoint"] is None:
+                models[name]["note"] += "; MONAI runs its architecture with random weights (same speed, masks differ)"
             continue
         if not onnx_path.is_file():
             import torch
@@ -123,6 +121,22 @@ def make_models(names: list[str]) -> dict[str, dict[str, Any]]:
             note = "bundled architecture (configs/unet_isbi2012.yaml), untrained: seg/assets/model.onnx not there yet"
         models[name] = {"onnx": onnx_path, "checkpoint": ckpt_path, "note": note}
     return models
+
+
+def _bundled_checkpoint() -> Path | None:
+    """The run the bundled model was exported from (runs/NAME/checkpoints/best.pt), if it is here and fits."""
+    import torch
+
+    from seg.runtime import create_session, read_model_info
+
+    info = read_model_info(create_session(BUNDLED, "cpu")[0])
+    path = ROOT / "runs" / info.name / "checkpoints" / "best.pt"
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k != "encoder_weights"}
+    same = kwargs == info.extra.get("model_kwargs") and ckpt.get("epoch") == info.extra.get("epoch")
+    return path if same else None
 
 
 # -- children: one measurement each --------------------------------------------------------------------
@@ -250,6 +264,11 @@ def child_patchinferer(a: argparse.Namespace) -> dict[str, Any]:
 CHILDREN = {"ours": child_ours, "bare": child_bare, "monai": child_monai, "patchinferer": child_patchinferer}
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_child(kind: str, model: dict[str, Any], image: Path, mask: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--child", kind, "--model", str(model["onnx"]), "--image", str(image),
@@ -280,6 +299,7 @@ def run_child(kind: str, model: dict[str, Any], image: Path, mask: Path, args: a
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
     result = json.loads(stdout.strip().splitlines()[-1])
     result["mp_per_s"] = result["pixels"] / 1e6 / result["seconds"]
+    result["load_1min_after"] = os.getloadavg()[0]
     return result
 
 
@@ -323,6 +343,7 @@ def main() -> None:
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
+    p.add_argument("--repeats", type=int, default=1, help="speed runs per kind (round robin); the fastest counts")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--child-timeout", type=float, default=None,
                    help="stop a measurement after this many seconds; its peak RSS so far is reported")
@@ -334,7 +355,9 @@ def main() -> None:
     p.add_argument("--mask", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(CHILDREN[args.child](args)))
+        result = CHILDREN[args.child](args)
+        result["cpu_s"] = cpu_seconds()  # the whole child, set-up included
+        print(json.dumps(result))
         return
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -349,18 +372,25 @@ def main() -> None:
     runs: dict[tuple[str, int, str], dict[str, Any]] = {}
 
     def measure(name: str, size: int, kind: str) -> dict[str, Any]:
-        if (name, size, kind) not in runs:
-            model = models[name]
-            channels = 3 if name == "resnet18" else 1
-            image = make_image(WORK / f"em_{size}_{'rgb' if channels == 3 else 'grey'}.tif", size, channels)
-            runs[name, size, kind] = run_child(kind, model, image, WORK / f"mask_{name}_{size}_{kind}.tif", args)
-            runs[name, size, kind]["mask"] = str(WORK / f"mask_{name}_{size}_{kind}.tif")
+        """One child run, or the fastest of the runs so far (a shared machine makes single runs noisy)."""
+        model = models[name]
+        channels = 3 if name == "resnet18" else 1
+        image = make_image(WORK / f"em_{size}_{'rgb' if channels == 3 else 'grey'}.tif", size, channels)
+        result = run_child(kind, model, image, WORK / f"mask_{name}_{size}_{kind}.tif", args)
+        result["mask"] = str(WORK / f"mask_{name}_{size}_{kind}.tif")
+        best = runs.get((name, size, kind))
+        if best is None or result.get("mp_per_s", 0) > best.get("mp_per_s", 0):
+            result["runs"] = (best or {}).get("runs", 0) + 1
+            runs[name, size, kind] = result
+        else:
+            best["runs"] += 1
         return runs[name, size, kind]
 
     if args.speed_size:
         for name in names:
             size = args.speed_size
-            ours, bare, monai = (measure(name, size, kind) for kind in ("ours", "bare", "monai"))
+            for _ in range(args.repeats):  # round robin, so a busy spell of the machine hits all three alike
+                ours, bare, monai = (measure(name, size, kind) for kind in ("ours", "bare", "monai"))
             row = {"model": name, "note": models[name]["note"], "size": size, "ours": ours, "bare": bare, "monai": monai,
                    "agreement": agreement(Path(ours["mask"]), Path(monai["mask"]))}  # fmt: skip
             if args.patchinferer:
@@ -368,9 +398,12 @@ def main() -> None:
             results["speed"].append(row)
     for size in memory_sizes:
         name = args.memory_model
-        ours = measure(name, size, "ours")
+        ours = runs.get((name, size, "ours")) or measure(name, size, "ours")
         channels = 3 if name == "resnet18" else 1
-        monai = measure(name, size, "monai") if size <= args.monai_max else {"estimate_gb": monai_estimate_gb(size, channels)}
+        if size > args.monai_max:
+            monai = {"estimate_gb": monai_estimate_gb(size, channels)}
+        else:
+            monai = runs.get((name, size, "monai")) or measure(name, size, "monai")
         results["memory"].append({"model": name, "size": size, "ours": ours, "monai": monai,
                                   "tile": args.tile, "overlap": args.overlap})
 

@@ -60,7 +60,7 @@ class ModelInfo:
         values["normalize"] = Normalization(**meta.get("normalize", {}))
         values["input_name"] = meta.get("input", "image")
         values["output_name"] = meta.get("output", "logits")
-        values["extra"] = {k: v for k, v in meta.items() if k not in known}
+        values["extra"] = {k: v for k, v in meta.items() if k not in known | {"normalize", "input", "output"}}
         return cls(**values)
 
 
