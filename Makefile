@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/seg: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev]'
 	touch $@
 
 serve: $(BIN)/seg

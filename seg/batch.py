@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,7 @@ from rich.text import Text
 from seg.errors import SegError
 from seg.imageio import atomic_path, is_image_file
 from seg.predictor import Predictor, image_size, output_is_whole
-
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "model.onnx"
+from seg.runtime import default_model
 FORMATS = ("png", "tif")
 LARGE_IMAGE_TILES = 16  # images with more tiles get their own progress bar
 
@@ -46,18 +46,17 @@ class Job:
 
 
 def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
-    """The model (an .onnx first argument, else the bundled one) and the image arguments."""
+    """The model (an .onnx first argument, else $SEG_MODEL or the bundled one) and the image arguments."""
     items = list(inputs)
     if items and items[0].lower().endswith(".onnx"):
         model, items = Path(items[0]), items[1:]
         if not model.is_file():
             raise SegError(f"{model}: no such ONNX model")
     else:
-        model = BUNDLED_MODEL
+        model = default_model()
         if not model.is_file():
-            raise SegError(
-                f"no model given and the bundled model {model} is missing: pass MODEL.onnx as the first argument"
-            )
+            source = "SEG_MODEL" if os.environ.get("SEG_MODEL") else "the bundled model"
+            raise SegError(f"no model given and {source} {model} is missing: pass MODEL.onnx as the first argument")
     if not items:
         raise SegError("no input images given (files, folders or globs after the model)")
     return model, items
@@ -185,8 +184,7 @@ def run_batch(
     if fmt not in FORMATS:
         raise SegError(f"--format {fmt!r}: choose png or tif")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SegError(f"--out {out}: exists and is not a folder")
+    _check_writable(out)
     predictor = Predictor(model, device=device, threads=threads, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
     jobs = expand_inputs(items, exclude=out)
     plan_outputs(jobs, out, fmt, overlay, probabilities, confidence)
@@ -220,11 +218,23 @@ def run_batch(
         "seconds": round(time.perf_counter() - start, 3),
         "images": entries,
     }
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     summary["summary_path"] = str(summary_path)
     return summary
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work when `out` cannot take files (a volume mounted read-only or owned by another user)."""
+    if out.exists() and not out.is_dir():
+        raise SegError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        who = f"user {os.getuid()}" if hasattr(os, "getuid") else "this user"
+        raise SegError(f"--out {out}: {who} cannot write here ({e.strerror or e})") from None
 
 
 def _run_job(predictor: Predictor, job: Job, force: bool, previous: dict[str, dict], progress: "_Progress") -> dict[str, Any]:

@@ -24,6 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+# Imported by train, eval, export and models only; `pip install seg` leaves them out.
+TRAIN_MODULES = {"torch", "torchvision", "segmentation_models_pytorch", "albumentations", "monai", "onnx", "matplotlib"}
 
 
 def user_errors(fn):
@@ -35,6 +37,15 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SegError as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] not in TRAIN_MODULES:
+                raise
+            err.print(
+                f"[red]error:[/red] `seg {'eval' if fn.__name__ == 'evaluate' else fn.__name__}` needs {e.name.split('.')[0]}, from the training extra:"
+                " pip install 'seg\\[train]' (prediction and serving do not)",
+                highlight=False, soft_wrap=True,
+            )  # fmt: skip
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -151,17 +162,17 @@ def predict(
 @user_errors
 def serve(
     model: Optional[Path] = typer.Argument(None, help="ONNX model (default: the bundled one)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(3000, help="Port."),
+    host: str = typer.Option("127.0.0.1", envvar="SEG_HOST", help="Address to listen on."),
+    port: int = typer.Option(3000, envvar="SEG_PORT", help="Port."),
     workers: int = typer.Option(1, help="Worker processes (each loads its own copy of the model)."),
 ):
     """Start the HTTP service (BentoML): segment, segment_json, overlay, info; limits from SEG_* variables."""
     import os
 
     from seg.predictor import Predictor
-    from serving.settings import BUNDLED_MODEL
+    from seg.runtime import BUNDLED_MODEL, default_model
 
-    path = (model or Path(os.environ.get("SEG_MODEL") or BUNDLED_MODEL)).resolve()
+    path = (model or default_model()).resolve()
     if path == BUNDLED_MODEL.resolve() and not path.is_file():
         raise SegError(f"{path}: no bundled model yet; pass one: seg serve model.onnx (see `seg export`)")
     if workers < 1:

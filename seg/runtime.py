@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,14 @@ from seg.errors import SegError
 from seg.preprocess import Normalization
 
 DEVICES = ("auto", "cpu", "cuda")
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "model.onnx"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+
+def default_model() -> Path:
+    """The model used when none is named: $SEG_MODEL, else the bundled one."""
+    return Path(os.environ.get("SEG_MODEL") or BUNDLED_MODEL)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from seg.errors import SegError
-
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "seg" / "assets" / "model.onnx"
+from seg.runtime import BUNDLED_MODEL
 MIN_TILE = 64
 
 

@@ -160,11 +160,23 @@ def test_unreadable_inputs_are_reported_skipped_and_exit_1(conv_onnx, image_tree
 
 
 def test_bundled_model_is_the_default(conv_onnx, tmp_path, monkeypatch):
-    monkeypatch.setattr("seg.batch.BUNDLED_MODEL", tmp_path / "assets" / "model.onnx")
+    monkeypatch.delenv("SEG_MODEL", raising=False)
+    monkeypatch.setattr("seg.runtime.BUNDLED_MODEL", tmp_path / "assets" / "model.onnx")
     code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
     assert code == 2 and "bundled model" in output and "missing" in output
 
-    monkeypatch.setattr("seg.batch.BUNDLED_MODEL", conv_onnx)
+    monkeypatch.setattr("seg.runtime.BUNDLED_MODEL", conv_onnx)
+    code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
+    assert code == 0, output
+    assert summary_of(tmp_path / "out")["model"] == str(conv_onnx)
+
+
+def test_seg_model_variable_names_the_default(conv_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEG_MODEL", str(tmp_path / "nowhere.onnx"))
+    code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
+    assert code == 2 and "SEG_MODEL" in output and "nowhere.onnx" in output
+
+    monkeypatch.setenv("SEG_MODEL", str(conv_onnx))
     code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
     assert code == 0, output
     assert summary_of(tmp_path / "out")["model"] == str(conv_onnx)
@@ -188,6 +200,13 @@ def test_option_errors_exit_2(conv_onnx, tmp_path, options, message):
 def test_cuda_without_gpu_is_a_clear_error(conv_onnx, tmp_path):
     code, output = predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out", "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in output
+
+
+def test_output_folder_that_cannot_be_written_is_a_clear_error(conv_onnx, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, output = predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", blocker / "out")
+    assert code == 2 and "cannot write here" in output and "Traceback" not in output
 
 
 def test_no_inputs_after_the_model(conv_onnx, tmp_path):
