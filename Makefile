@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test demo bench clean
+.PHONY: serve test demo bench container-smoke clean
 
 $(BIN)/seg: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ bench: $(BIN)/seg
 	$(BIN)/python bench/tiled.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/train_throughput.py
+
+container-smoke:
+	scripts/container-smoke.sh
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache
