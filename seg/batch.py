@@ -31,6 +31,7 @@ from seg.errors import SegError
 from seg.imageio import atomic_path, is_image_file
 from seg.predictor import Predictor, image_size, output_is_whole
 from seg.runtime import default_model
+
 FORMATS = ("png", "tif")
 LARGE_IMAGE_TILES = 16  # images with more tiles get their own progress bar
 

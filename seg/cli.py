@@ -41,8 +41,9 @@ def user_errors(fn):
         except ModuleNotFoundError as e:
             if e.name is None or e.name.split(".")[0] not in TRAIN_MODULES:
                 raise
+            command = "eval" if fn.__name__ == "evaluate" else fn.__name__
             err.print(
-                f"[red]error:[/red] `seg {'eval' if fn.__name__ == 'evaluate' else fn.__name__}` needs {e.name.split('.')[0]}, from the training extra:"
+                f"[red]error:[/red] `seg {command}` needs {e.name.split('.')[0]}, from the training extra:"
                 " pip install 'seg\\[train]' (prediction and serving do not)",
                 highlight=False, soft_wrap=True,
             )  # fmt: skip
@@ -140,7 +141,7 @@ def predict(
     fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG) or tif (tiled TIFF)."),
     force: bool = typer.Option(False, "--force", help="Predict again even where the outputs exist."),
 ):
-    """Segment images by tiles with an ONNX model (the bundled one by default)."""
+    """Segment images by tiles with an ONNX model (default: $SEG_MODEL, else the bundled one)."""
     from seg.batch import run_batch, split_model
 
     model, items = split_model(inputs)
@@ -161,7 +162,7 @@ def predict(
 @app.command()
 @user_errors
 def serve(
-    model: Optional[Path] = typer.Argument(None, help="ONNX model (default: the bundled one)."),
+    model: Optional[Path] = typer.Argument(None, help="ONNX model (default: $SEG_MODEL, else the bundled one)."),
     host: str = typer.Option("127.0.0.1", envvar="SEG_HOST", help="Address to listen on."),
     port: int = typer.Option(3000, envvar="SEG_PORT", help="Port."),
     workers: int = typer.Option(1, help="Worker processes (each loads its own copy of the model)."),

@@ -22,6 +22,7 @@ from typing import Mapping
 
 from seg.errors import SegError
 from seg.runtime import BUNDLED_MODEL
+
 MIN_TILE = 64
 
 
