@@ -6,9 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -29,6 +29,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_bento_requirements_are_the_core_dependencies():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     bento = yaml.safe_load((ROOT / "serving" / "bentofile.yaml").read_text())["python"]["packages"]
     assert sorted(bento) == sorted(d for d in core if requirement_name(d) not in CLI_ONLY)
