@@ -42,7 +42,12 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
 cleanup() {
     podman rm -f "$NAME-svc" > /dev/null 2>&1 || true
-    [ -n "${SEG_SMOKE_KEEP:-}" ] || podman rmi -f "$IMAGE" > /dev/null 2>&1 || true
+    if [ -z "${SEG_SMOKE_KEEP:-}" ]; then
+        podman rmi -f "$IMAGE" > /dev/null 2>&1 || true
+        # The build stage's untagged image, made by this run only.
+        comm -13 "$RUN/dangling-before.txt" <(podman images -q -f dangling=true | sort) 2> /dev/null \
+            | xargs -r podman rmi -f > /dev/null 2>&1 || true
+    fi
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -72,6 +77,7 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     printf '[global]\ncert = /run/host-ca.crt\n' > "$RUN/pip.conf"
     build_args+=(-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro -v "$RUN/pip.conf:/etc/pip.conf:ro")
 fi
+podman images -q -f dangling=true | sort > "$RUN/dangling-before.txt"
 start=$(now)
 podman build "${build_args[@]}" . > "$RUN/build.log" 2>&1 || { tail -30 "$RUN/build.log"; fail "build"; }
 build_s=$(since "$start")
