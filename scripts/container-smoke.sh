@@ -3,13 +3,13 @@
 #   1. `predict` over a folder of real images (read-only input volume, read-only root file system,
 #      the image's non-root user); every mask is checked; a second run must recompute nothing;
 #      a folder with a corrupt image must exit non-zero with the failure in summary.json;
-#      a custom model mounted with SEG_MODEL must be the one used;
+#      a custom model mounted with SEG_MODEL must be the one used, under --user;
 #   2. the service: started with the default command, its HEALTHCHECK run, an image POSTed.
 # Prints the image size and the start-up times, then removes its containers and the image.
 #
 # Skips (exit 0) with a message where podman is missing. Needs root, Debian's mirror and PyPI.
-# Where no registry is reachable, the base image (debian:bookworm-slim) is made with debootstrap
-# and cached as a tar in $SEG_SMOKE_DIR.
+# When the base image (debian:bookworm-slim) is not in Podman's store, it is made with debootstrap
+# (no registry needed) and cached as a tar in $SEG_SMOKE_DIR (default /var/tmp/seg-smoke).
 #
 #   scripts/container-smoke.sh                 # or: make container-smoke
 #   SEG_SMOKE_KEEP=1 scripts/container-smoke.sh  # keep the image (localhost/seg:smoke) afterwards
