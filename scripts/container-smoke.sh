@@ -88,8 +88,12 @@ build_s=$(since "$start")
 size_mb=$(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{ printf "%.0f", $1 / 1e6 }')
 base_mb=$(podman image inspect "$BASE" --format '{{.Size}}' | awk '{ printf "%.0f", $1 / 1e6 }')
 echo "built in ${build_s} s: ${size_mb} MB (base ${base_mb} MB)"
-podman run --rm --no-healthcheck --entrypoint /opt/seg/bin/python "$IMAGE" -c \
-    "import importlib.util as u, sys; sys.exit('torch is in the image' if u.find_spec('torch') else 0)"
+podman run --rm --no-healthcheck --user 0 --entrypoint /opt/seg/bin/python "$IMAGE" -c "
+import importlib.util as u, pathlib, shutil, sys
+left = [name for name in ('torch', 'pip') if u.find_spec(name)] + [c for c in ('gcc', 'cc', 'g++') if shutil.which(c)]
+left += [str(p) for p in (pathlib.Path('/root/.cache'), pathlib.Path('/var/lib/apt/lists/partial')) if p.exists()]
+sys.exit(f'left in the image: {left}' if left else 0)"
+echo "no torch, pip, compilers or caches in the image"
 
 run() { podman run --rm --no-healthcheck --network=host "$@"; }
 start=$(now)
