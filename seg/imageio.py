@@ -195,17 +195,30 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]
     return out.clip(0, 255).astype(np.uint8)
 
 
-def to_display_rgb(image: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB view of any image: 16-bit and float images are stretched by percentiles; images
-    with other than 1, 3 or 4 channels show their first channel."""
+def _display_channels(image: np.ndarray) -> np.ndarray:
+    """RGB in the image's dtype; images with other than 1, 3 or 4 channels show their first channel."""
     if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
         image = image[..., 0]
-    img = to_channels(image, 3)
+    return to_channels(image, 3)
+
+
+def display_range(image: np.ndarray) -> tuple[float, float]:
+    """The values shown as black and white: 0..255 for 8-bit, else the 0.5..99.5 percentiles."""
+    img = _display_channels(image)
     if img.dtype == np.uint8:
-        return img
-    img = img.astype(np.float32)
-    lo, hi = np.percentile(img, (0.5, 99.5))
-    return ((img - lo) / max(hi - lo, 1e-6) * 255).clip(0, 255).astype(np.uint8)
+        return 0.0, 255.0
+    lo, hi = np.percentile(img.astype(np.float32), (0.5, 99.5))
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def to_display_rgb(image: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """An 8-bit RGB view of any image, stretched from `value_range` (default: `display_range(image)`);
+    pass one range to show the bands of a large image alike."""
+    img = _display_channels(image)
+    lo, hi = value_range or display_range(img)
+    if img.dtype == np.uint8 and (lo, hi) == (0.0, 255.0):
+        return np.ascontiguousarray(img)
+    return ((img.astype(np.float32) - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
 
 
 def default_palette(n: int) -> list[list[int]]:

@@ -33,7 +33,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from seg.errors import ImageError, SegError
-from seg.imageio import TIFF_SUFFIXES, atomic_path, default_palette, overlay, read_image, to_channels
+from seg.imageio import (
+    TIFF_SUFFIXES, atomic_path, default_palette, display_range, overlay, read_image, to_channels, to_display_rgb,
+)  # fmt: skip
 from seg.preprocess import intensity_range, normalize
 from seg.runtime import ModelInfo, create_session, describe_provider, read_model_info
 from seg.tiling import predict_tiled, round_up, tile_grid
@@ -258,7 +260,7 @@ class Predictor:
                 )
                 for kind, (target, dtype, samples) in targets.items()
             }
-            display = display_range(source) if "overlay" in writers else None
+            display = display_range(source.sample()) if "overlay" in writers else None
             counts = np.zeros(k, dtype=np.int64)
             for y0, p in self.bands(self._row_reader(source), height, width, on_tiles):
                 mask = self._argmax(p)
@@ -269,7 +271,7 @@ class Predictor:
                 if "confidence" in writers:
                     writers["confidence"].write(p.max(0))
                 if display is not None:
-                    rgb = display_rgb(source.read(y0, y0 + p.shape[1]), *display)
+                    rgb = to_display_rgb(source.read(y0, y0 + p.shape[1]), display)
                     writers["overlay"].write(overlay(rgb, mask, self.palette))
         return {
             "height": height,
@@ -570,27 +572,6 @@ def _read_whole(path: Path) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 2:  # grey + alpha
         image = image[..., :1]
     return image
-
-
-# ---------------------------------------------------------------------------------------------------
-# Display ranges for overlays
-# ---------------------------------------------------------------------------------------------------
-def display_range(source: ImageSource) -> tuple[float, float]:
-    """The input values shown as black and white: the dtype's range for 8-bit, else 0.5..99.5 percentiles."""
-    if source.dtype == np.uint8:
-        return 0.0, 255.0
-    lo, hi = np.percentile(source.sample().astype(np.float32), (0.5, 99.5))
-    return float(lo), float(max(hi, lo + 1e-6))
-
-
-def display_rgb(rows: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """(rows, W, C) in any dtype -> (rows, W, 3) uint8 RGB with one fixed value range."""
-    channels = rows.shape[2]
-    rgb = rows[..., :3] if channels >= 3 else np.repeat(rows[..., :1], 3, axis=2)
-    if rgb.dtype == np.uint8 and (lo, hi) == (0.0, 255.0):
-        return np.ascontiguousarray(rgb)
-    scaled = (rgb.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return scaled.clip(0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from seg.errors import ImageError, SegError
-from seg.imageio import read_mask
+from seg.imageio import overlay, read_mask
 from seg.predictor import SAMPLE_PIXELS, ArraySource, Predictor, TiffSource, open_image, output_is_whole
 from seg.runtime import cuda_usable
 from seg.tiling import softmax, tile_grid
@@ -218,6 +218,19 @@ def test_written_files_are_tiled_tiffs_and_palette_pngs(conv_onnx, em_image, tmp
     with Image.open(tmp_path / "mask.png") as im:
         assert im.mode == "P" and im.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
         assert np.array_equal(np.asarray(im), expected.mask)
+
+
+def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_factory, tmp_path):
+    """The file path stretches every band by one range: the picture equals `seg.imageio.overlay` of the
+    whole image (what the service's /overlay and the training report draw)."""
+    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu", tile=128)
+    image = (_rgb(700, 300).astype(np.uint16) * 200 + 1000).astype(np.uint16)
+    alpha = np.full((700, 300, 1), 65535, np.uint16)  # an alpha channel must not widen the range
+    tifffile.imwrite(tmp_path / "in.tif", np.concatenate([image, alpha], axis=2), rowsperstrip=64, photometric="rgb",
+                     extrasamples=["unassalpha"])  # fmt: skip
+    predictor.predict_file(tmp_path / "in.tif", tmp_path / "mask.tif", overlay_path=tmp_path / "o.png")
+    expected = overlay(image, predictor.predict(image).mask, predictor.palette)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected)
 
 
 def _save_png(image: np.ndarray, path):
