@@ -23,6 +23,7 @@ os.umask(_UMASK)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
 def is_image_file(path: Path) -> bool:
@@ -47,7 +48,7 @@ def decode_image(data: bytes, name: str = "upload") -> np.ndarray:
     """Decode image bytes (any format `read_image` takes)."""
     if not data:
         raise ImageError(f"{name}: empty file")
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if data[:4] in TIFF_MAGIC:
         import tifffile
 
         try:
@@ -87,12 +88,32 @@ def _read_tiff(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read TIFF ({err})") from None
 
 
+def tiff_layout(shape: Sequence[int]) -> tuple[int, tuple[int, int, int], bool]:
+    """How seg reads a TIFF series of `shape`: (leading length-1 axes, (H, W, C), channel-first).
+
+    Layouts: (H, W), (H, W, C), and channel-first (C, H, W) for C <= 8, after leading length-1 axes
+    (e.g. a one-page stack). Anything else raises ImageError.
+    """
+    shape = tuple(int(n) for n in shape)
+    lead = 0
+    while len(shape) - lead > 2 and shape[lead] == 1:
+        lead += 1
+    core = shape[lead:]
+    if len(core) not in (2, 3) or 0 in core:
+        raise ImageError(f"unsupported TIFF layout with shape {shape}")
+    if len(core) == 2:
+        return lead, (core[0], core[1], 1), False
+    if core[0] <= 8 and core[2] > 8:
+        return lead, (core[1], core[2], core[0]), True
+    return lead, (core[0], core[1], core[2]), False
+
+
 def _tiff_pages_to_array(arr: np.ndarray) -> np.ndarray:
-    """Channel-first stacks (C, H, W) with few channels become (H, W, C)."""
-    if arr.ndim == 3 and arr.shape[0] <= 8 and arr.shape[2] > 8:
+    """A decoded TIFF as (H, W) or (H, W, C), by `tiff_layout`."""
+    lead, (height, width, channels), channel_first = tiff_layout(arr.shape)
+    arr = arr.reshape(arr.shape[lead:])
+    if channel_first:
         arr = np.moveaxis(arr, 0, -1)
-    if arr.ndim not in (2, 3):
-        raise ImageError(f"unsupported TIFF layout with shape {arr.shape}")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     return arr

@@ -34,7 +34,8 @@ import numpy as np
 
 from seg.errors import ImageError, SegError
 from seg.imageio import (
-    TIFF_SUFFIXES, atomic_path, default_palette, display_range, overlay, read_image, to_channels, to_display_rgb,
+    TIFF_SUFFIXES, atomic_path, default_palette, display_range, overlay, read_image, tiff_layout, to_channels,
+    to_display_rgb,
 )  # fmt: skip
 from seg.preprocess import intensity_range, normalize
 from seg.runtime import ModelInfo, create_session, describe_provider, read_model_info
@@ -412,20 +413,11 @@ class TiffSource(ImageSource):
             shape, page = tuple(series.shape), series.keyframe
         except Exception as err:  # tifffile raises many types for broken files
             raise ImageError(f"{path}: cannot read TIFF ({err})") from None
-        self._lead = 0  # leading length-1 axes (e.g. a one-page stack)
-        while len(shape) - self._lead > 2 and shape[self._lead] == 1:
-            self._lead += 1
-        core = shape[self._lead :]
-        self.channel_first = len(core) == 3 and core[0] <= 8 and core[2] > 8
-        if len(core) not in (2, 3) or 0 in core:
+        try:
+            self._lead, (self.height, self.width, self.channels), self.channel_first = tiff_layout(shape)
+        except ImageError as err:
             self.tif.close()
-            raise ImageError(f"{path}: unsupported TIFF layout with shape {shape} ({series.axes})")
-        if len(core) == 2:
-            (self.height, self.width), self.channels = core, 1
-        elif self.channel_first:
-            self.channels, self.height, self.width = core
-        else:
-            self.height, self.width, self.channels = core
+            raise ImageError(f"{path}: {err} ({series.axes})") from None
         self.dtype = np.dtype(np.uint8) if series.dtype == bool else np.dtype(series.dtype)
         self._stored = np.dtype(series.dtype).newbyteorder(self.tif.byteorder)
         contiguous = page.compression == 1 and page.bitspersample % 8 == 0 and page.fillorder == 1

@@ -41,7 +41,6 @@ from serving.settings import MIN_TILE, Settings
 SETTINGS = Settings.from_env()
 if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
     raise SegError(f"{SETTINGS.model}: no such ONNX model; set SEG_MODEL to a model written by `seg export`")
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
@@ -227,11 +226,11 @@ def read_upload(path: Path, max_pixels: int, model_channels: int) -> np.ndarray:
 def header_shape(data: bytes) -> tuple[int, int, int]:
     """(height, width, channels) from an image file's header, without decoding pixels.
 
-    TIFF layouts as `seg.imageio.decode_image` reads them: (H, W), (H, W, C), or (C, H, W) for C <= 8.
+    TIFF layouts by `seg.imageio.tiff_layout`, as `seg.imageio.decode_image` reads them.
     """
     if not data:
         raise ImageError("image: empty file")
-    if data[:4] in TIFF_MAGIC:
+    if data[:4] in imageio.TIFF_MAGIC:
         import tifffile
 
         try:
@@ -239,13 +238,10 @@ def header_shape(data: bytes) -> tuple[int, int, int]:
                 shape = tuple(tif.series[0].shape)
         except Exception as err:  # tifffile raises many types for broken files
             raise ImageError(f"image: cannot read TIFF ({err})") from None
-        while len(shape) > 2 and shape[0] == 1:
-            shape = shape[1:]
-        if len(shape) == 2:
-            return shape[0], shape[1], 1
-        if len(shape) == 3:
-            return (shape[1], shape[2], shape[0]) if shape[0] <= 8 and shape[2] > 8 else shape
-        raise ImageError(f"image: unsupported TIFF layout with shape {shape}")
+        try:
+            return imageio.tiff_layout(shape)[1]
+        except ImageError as err:
+            raise ImageError(f"image: {err}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

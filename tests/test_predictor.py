@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from seg.errors import ImageError, SegError
-from seg.imageio import overlay, read_mask
+from seg.imageio import decode_image, overlay, read_image, read_mask, tiff_layout
 from seg.predictor import SAMPLE_PIXELS, ArraySource, Predictor, TiffSource, open_image, output_is_whole
 from seg.runtime import cuda_usable
 from seg.tiling import softmax, tile_grid
@@ -232,6 +232,25 @@ def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_f
     expected = overlay(image, predictor.predict(image).mask, predictor.palette)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected)
 
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [((80, 96), (80, 96, 1)), ((80, 96, 3), (80, 96, 3)), ((2, 80, 96), (80, 96, 2)), ((1, 80, 96, 4), (80, 96, 4))],
+    ids=["grey", "rgb", "channel-first", "one-page-stack"],
+)
+def test_tiff_layouts_read_alike_whole_and_by_bands(tmp_path, stored, expected):
+    """File, bytes and band reader share one layout rule (`seg.imageio.tiff_layout`)."""
+    data = np.random.default_rng(0).integers(0, 60000, stored).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", data, photometric="minisblack")
+    assert tiff_layout(stored)[1] == expected
+    whole = read_image(tmp_path / "in.tif")
+    decoded = decode_image((tmp_path / "in.tif").read_bytes())
+    with TiffSource(tmp_path / "in.tif") as source:
+        assert (source.height, source.width, source.channels) == expected
+        bands = np.concatenate([source.read(y, y + 32) for y in range(0, source.height, 32)])
+    for array in (whole, decoded):
+        assert np.array_equal(array.reshape(expected), bands)
 
 def _save_png(image: np.ndarray, path):
     Image.fromarray(image).save(path)
