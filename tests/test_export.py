@@ -17,6 +17,8 @@ from seg.runtime import create_session, read_model_info
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.export import FP32_TOLERANCE, export_onnx
 
+from conftest import ROOT
+
 runner = CliRunner()
 
 
@@ -105,3 +107,22 @@ def test_user_errors_exit_2_naming_the_file(args, message, unet_checkpoint, tmp_
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_eval_of_the_exported_model_matches_its_checkpoint(unet_checkpoint, unet_onnx, tmp_path):
+    """`seg eval` on a folder through ONNX Runtime and through PyTorch: the same confusion matrix."""
+    isbi = ROOT / "data" / "isbi2012" / "train"
+    for sub in ("images", "labels"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(isbi / sub / f"{i:02d}.png", tmp_path / "data" / sub / f"{i:02d}.png")
+    results = {}
+    for name, model in (("onnx", unet_onnx), ("checkpoint", unet_checkpoint)):
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "data"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads(out.read_text())
+    onnx_conf, torch_conf = (np.array(results[k]["confusion"]) for k in ("onnx", "checkpoint"))
+    assert onnx_conf.sum() == torch_conf.sum() == 3 * 512 * 512
+    assert onnx_conf.diagonal().sum() > 0 and np.all(onnx_conf.sum(0) > 0)  # both classes predicted
+    assert np.abs(onnx_conf - torch_conf).sum() <= 2e-4 * onnx_conf.sum()  # float noise on class borders

@@ -19,7 +19,7 @@ from seg.tiling import predict_array
 
 
 def _checkpoint_model(path: Path, device: str) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
-    """Model facts and an `image (H, W, C) -> probabilities (K, H, W)` function for a checkpoint."""
+    """Model facts and an `image (H, W, C) -> class indices (H, W)` function for a checkpoint."""
     from training.checkpoint import load_checkpoint, model_from_checkpoint, torch_runner
     from training.train import pick_device
 
@@ -32,11 +32,12 @@ def _checkpoint_model(path: Path, device: str) -> tuple[dict[str, Any], Callable
     info["normalize"] = norm
     info["name"] = ckpt["path"]
 
-    def probs(image: np.ndarray) -> np.ndarray:
+    def predict_mask(image: np.ndarray) -> np.ndarray:
         x = normalize(image, norm)
-        return predict_array(x, run, tile=ckpt["tile_size"], overlap=ckpt["overlap"], multiple=ckpt["stride"])
+        probs = predict_array(x, run, tile=ckpt["tile_size"], overlap=ckpt["overlap"], multiple=ckpt["stride"])
+        return probs.argmax(0)
 
-    return info, probs
+    return info, predict_mask
 
 
 def _onnx_model(path: Path, device: str) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
@@ -47,11 +48,11 @@ def _onnx_model(path: Path, device: str) -> tuple[dict[str, Any], Callable[[np.n
     info = {
         "classes": list(meta.classes),
         "in_channels": meta.in_channels,
-        "ignore_index": 255,
+        "ignore_index": meta.ignore_index,
         "normalize": meta.normalize,
         "name": str(path),
     }
-    return info, lambda image: predictor.predict(image, probabilities=True).probabilities
+    return info, lambda image: predictor.predict(image).mask
 
 
 def evaluate(model: str | Path, data: str | Path, split: str = "val", device: str = "auto") -> dict[str, Any]:
@@ -59,7 +60,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "val", device: st
     model, data = Path(model), Path(data)
     if not model.exists():
         raise SegError(f"{model}: no such model, checkpoint or run folder")
-    info, predict_probs = (_onnx_model if model.suffix == ".onnx" else _checkpoint_model)(model, device)
+    info, predict_mask = (_onnx_model if model.suffix == ".onnx" else _checkpoint_model)(model, device)
     if data.is_file():
         cfg = load_config(data)
         data_cfg = cfg.data
@@ -86,7 +87,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "val", device: st
     start = time.perf_counter()
     for sample in samples:
         image, mask = load_pair(sample, data_cfg)
-        pred = predict_probs(image).argmax(0)
+        pred = predict_mask(image)
         single = ConfusionMatrix(len(info["classes"]), data_cfg.ignore_index)
         single.update(pred, mask)
         conf.matrix += single.matrix
