@@ -531,10 +531,9 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
             with TiffSource(path) as source:
                 return source.height, source.width
         with open(path, "rb") as f:
-            head = f.read(24)
-        if head[:8] == b"\x89PNG\r\n\x1a\n":
-            width, height = struct.unpack(">II", head[16:24])
-            return height, width
+            size = _png_size(f.read(24))
+        if size is not None:
+            return size
         from PIL import Image
 
         with warnings.catch_warnings():
@@ -543,6 +542,14 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
                 return im.height, im.width
     except Exception:  # unreadable: the prediction will report it
         return None
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's first 24 bytes (signature and IHDR); None for anything else."""
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width
 
 
 def _read_whole(path: Path) -> np.ndarray:
@@ -773,7 +780,6 @@ def output_is_whole(path: str | Path, height: int, width: int) -> bool:
             head = f.read(24)
             f.seek(-12, os.SEEK_END)
             tail = f.read(12)
-        w, h = struct.unpack(">II", head[16:24])
-        return head[:8] == b"\x89PNG\r\n\x1a\n" and (h, w) == (height, width) and tail[4:8] == b"IEND"
+        return _png_size(head) == (height, width) and tail[4:8] == b"IEND"
     except Exception:  # anything unreadable is not whole
         return False

@@ -54,9 +54,9 @@ class Gate:
             return await reply(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                {"www-authenticate": "Bearer"})  # fmt: skip
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            if not length.isdigit():
-                return await reply(send, 400, f"bad Content-Length {length!r}")
+        if length is not None and not length.isdigit():
+            return await reply(send, 400, f"bad Content-Length {length!r}")
+        if length is not None and int(length) > self.max_bytes:
             return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of {self.max_bytes}")
         body = bytearray()
         while True:
