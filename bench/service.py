@@ -47,22 +47,13 @@ SAMPLES = ROOT / "data" / "samples"
 def untrained_model(folder: Path) -> Path:
     """An untrained export of configs/unet_isbi2012.yaml's model (needs torch; only the bench does)."""
     from seg.config import load_config
-    from seg.imageio import default_palette
     from seg.models import build_model
-    from training.checkpoint import save_checkpoint
+    from training.checkpoint import model_state, save_checkpoint
     from training.export import export_onnx
 
     cfg = load_config(ROOT / "configs" / "unet_isbi2012.yaml")
     kwargs = cfg.model_kwargs()
-    model = build_model(**kwargs)
-    state = {
-        "model": model.state_dict(), "model_kwargs": kwargs, "stride": model.stride,
-        "classes": list(cfg.data.classes), "palette": default_palette(cfg.data.num_classes),
-        "normalize": cfg.data.normalize.model_dump(), "in_channels": cfg.data.in_channels,
-        "ignore_index": cfg.data.ignore_index, "tile_size": cfg.output.tile_size, "overlap": cfg.output.overlap,
-        "config": {}, "epoch": 0,
-    }  # fmt: skip
-    save_checkpoint(folder / "untrained.pt", state)
+    save_checkpoint(folder / "untrained.pt", {**model_state(build_model(**kwargs), kwargs, cfg), "config": {}, "epoch": 0})
     export_onnx(folder / "untrained.pt", folder / "untrained.onnx")
     return folder / "untrained.onnx"
 

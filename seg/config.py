@@ -75,6 +75,13 @@ class DataConfig(Section):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def class_palette(self) -> list[list[int]]:
+        """`palette`, or the VOC colour map for these classes."""
+        from seg.imageio import default_palette
+
+        return self.palette or default_palette(self.num_classes)
+
 
 class ModelConfig(Section):
     arch: Literal["unet", "refinenet", "refinenet_lw"] = "unet"

@@ -8,11 +8,30 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from seg.config import Config
 from seg.errors import SegError
 from seg.imageio import atomic_path
 from seg.models import SegModel, build_model
 
 FORMAT = "seg-checkpoint/1"
+
+
+def model_state(model: SegModel, model_kwargs: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The part of a checkpoint that describes its model: weights, architecture, and what export and
+    prediction need from the config (classes, palette, normalisation, channels, tiling)."""
+    data = cfg.data
+    return {
+        "model": model.state_dict(),
+        "model_kwargs": model_kwargs,
+        "stride": model.stride,
+        "classes": list(data.classes),
+        "palette": data.class_palette,
+        "normalize": data.normalize.model_dump(),
+        "in_channels": data.in_channels,
+        "ignore_index": data.ignore_index,
+        "tile_size": cfg.output.tile_size,
+        "overlap": cfg.output.overlap,
+    }
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

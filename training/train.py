@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, RandomSampler
 from seg.config import Config, config_to_dict
 from seg.data import SegmentationDataset, build_augmentation, check_samples, find_samples
 from seg.errors import SegError
-from seg.imageio import atomic_path, default_palette
+from seg.imageio import atomic_path
 from seg.metrics import ConfusionMatrix
 from seg.models import build_model
 from seg.tiling import predict_array
-from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, torch_runner
+from training.checkpoint import load_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state, torch_runner
 
 HIGHER_IS_BETTER = {"miou": True, "dice": True, "pixel_accuracy": True, "loss": False}
 
@@ -117,7 +117,7 @@ class Trainer:
         self.train_samples, self.val_samples = find_samples(data)
         self.log(f"data: {len(self.train_samples)} training and {len(self.val_samples)} validation images; checking them")
         cache = check_samples(self.train_samples + self.val_samples, data)
-        self.palette = data.palette or default_palette(data.num_classes)
+        self.palette = data.class_palette
         self.augment = build_augmentation(data, cfg.train.seed)
         self.train_set = SegmentationDataset(self.train_samples, data, self.augment, cache)
         self.val_set = SegmentationDataset(self.val_samples, data, None, cache)
@@ -268,18 +268,8 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        data = self.cfg.data
         return {
-            "model": self.model.state_dict(),
-            "model_kwargs": self.model_kwargs,
-            "stride": self.model.stride,
-            "classes": list(data.classes),
-            "palette": self.palette,
-            "normalize": data.normalize.model_dump(),
-            "in_channels": data.in_channels,
-            "ignore_index": data.ignore_index,
-            "tile_size": self.cfg.output.tile_size,
-            "overlap": self.cfg.output.overlap,
+            **model_state(self.model, self.model_kwargs, self.cfg),
             "config": config_to_dict(self.cfg),
             "epoch": self.epoch,
             "elapsed": self.elapsed,
