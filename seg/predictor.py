@@ -158,6 +158,7 @@ class Predictor:
         height: int,
         width: int,
         on_tiles: Callable[[int], None] | None = None,
+        check: Callable[[], None] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Finished (y0, probabilities (K, rows, width)) bands, top to bottom; see `seg.tiling.predict_tiled`.
 
@@ -166,11 +167,12 @@ class Predictor:
             height: image height.
             width: image width.
             on_tiles: called with the number of tiles just run.
+            check: called before each batch of tiles; raise in it to stop (a deadline, a shutdown).
         """
         return predict_tiled(
             read_rows, height, width, self.run, tile=self.tile, overlap=self.overlap,
             batch_size=self.batch_size, multiple=self.info.stride, tta=self.tta, blend=self.blend,
-            on_tiles=on_tiles,
+            on_tiles=on_tiles, check=check,
         )  # fmt: skip
 
     # -- in memory -----------------------------------------------------------------------------------
@@ -181,6 +183,7 @@ class Predictor:
         confidence: bool = False,
         on_tiles: Callable[[int], None] | None = None,
         name: str = "image",
+        check: Callable[[], None] | None = None,
     ) -> Prediction:
         """Segment an image held in memory.
 
@@ -191,6 +194,7 @@ class Predictor:
             confidence: also return the (H, W) probability of the chosen class.
             on_tiles: called with the number of tiles just run.
             name: the image's name in error messages.
+            check: called before each batch of tiles; raise in it to stop (a deadline, a shutdown).
 
         Returns:
             A `Prediction`.
@@ -205,7 +209,7 @@ class Predictor:
         mask = np.empty((height, width), dtype=self.mask_dtype)
         probs = np.empty((self.num_classes, height, width), np.float32) if probabilities else None
         conf = np.empty((height, width), np.float32) if confidence else None
-        for y0, p in self.bands(self._row_reader(source), height, width, on_tiles):
+        for y0, p in self.bands(self._row_reader(source), height, width, on_tiles, check):
             rows = slice(y0, y0 + p.shape[1])
             mask[rows] = self._argmax(p)
             if probs is not None:
@@ -223,6 +227,7 @@ class Predictor:
         confidence_path: str | Path | None = None,
         overlay_path: str | Path | None = None,
         on_tiles: Callable[[int], None] | None = None,
+        check: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Segment an image file band by band and write the results as the bands are finished.
 
@@ -236,6 +241,7 @@ class Predictor:
             confidence_path: a tiled float32 TIFF (H, W) of the chosen class's probability.
             overlay_path: the image with the coloured mask blended in (.png or .tif).
             on_tiles: called with the number of tiles just run.
+            check: called before each batch of tiles; raise in it to stop.
 
         Returns:
             A summary: height, width, channels, dtype, tiles, seconds, pixels_per_class, outputs.
@@ -263,7 +269,7 @@ class Predictor:
             }
             display = display_range(source.sample()) if "overlay" in writers else None
             counts = np.zeros(k, dtype=np.int64)
-            for y0, p in self.bands(self._row_reader(source), height, width, on_tiles):
+            for y0, p in self.bands(self._row_reader(source), height, width, on_tiles, check):
                 mask = self._argmax(p)
                 counts += np.bincount(mask.ravel(), minlength=k)[:k]
                 writers["mask"].write(mask)

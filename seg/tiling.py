@@ -1,7 +1,8 @@
 """Tiled prediction with seamless blending: the one place where an image is cut into tiles.
 
-The image is read band by band (`read_rows`), so an image of any height costs memory for about one tile
-row only. Around the image, a margin of half the overlap is filled by reflection, so that no image pixel
+The image is read band by band (`read_rows`), and the blended sums cover the image's pixels only, so an
+image of any shape costs memory for about one tile row of it plus one batch of tiles. Around the image, a
+margin of half the overlap (at most the image's own side) is filled by reflection, so that no image pixel
 lies on a tile's outer edge. Tiles run in batches; their class probabilities are weighted by a Gaussian
 (sigma = tile / 8, as nnU-Net) and averaged; finished rows are yielded as soon as no later tile touches
 them.
@@ -85,19 +86,32 @@ def flip_tta(run: Runner) -> Runner:
 
 
 def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int) -> dict:
-    """The geometry of a tiling: tile size per axis, margin, canvas size and tile origins."""
+    """The geometry of a tiling: tile size, margin, canvas size and tile origins, per axis.
+
+    A side shorter than a tile gets one tile of its padded length (a reflected margin of at most its own
+    length, rounded up to `multiple`), and the other side's tiles grow to keep about `tile` x `tile` pixels
+    (at the same overlap in pixels): a 1 x 1,000,000 line is cut into 32 x 8192 tiles, not 160 x 512.
+    """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     tile = round_up(max(tile, multiple), multiple)
     step = max(multiple, int(round(tile * (1.0 - overlap))))
     margin = (tile - step) // 2
-    grid = {"margin": margin}
-    for axis, length in (("y", height), ("x", width)):
-        size = min(tile, round_up(length + 2 * margin, multiple))
-        canvas = max(length + 2 * margin, size)
+    grid: dict = {"margin": margin}
+    lengths = {"y": height, "x": width}
+    margins = {axis: min(margin, length) for axis, length in lengths.items()}
+    sizes = {axis: min(tile, round_up(n + 2 * margins[axis], multiple)) for axis, n in lengths.items()}
+    for axis, other in (("y", "x"), ("x", "y")):
+        if sizes[axis] == tile and sizes[other] < tile:  # a thin image: longer tiles along its long side
+            longest = max(tile, (tile * tile // sizes[other]) // multiple * multiple)
+            sizes[axis] = min(longest, round_up(lengths[axis] + 2 * margins[axis], multiple))
+    for axis, length in lengths.items():
+        size = sizes[axis]
+        canvas = max(length + 2 * margins[axis], size)
+        grid[f"margin_{axis}"] = margins[axis]
         grid[f"tile_{axis}"] = size
         grid[f"canvas_{axis}"] = canvas
-        grid[f"starts_{axis}"] = tile_starts(canvas, size, step)
+        grid[f"starts_{axis}"] = tile_starts(canvas, size, max(multiple, size - (tile - step)))
     grid["tiles"] = len(grid["starts_y"]) * len(grid["starts_x"])
     return grid
 
@@ -114,65 +128,77 @@ def predict_tiled(
     tta: bool = False,
     blend: str = "gaussian",
     on_tiles: Callable[[int], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Predict an image of `height` x `width` by overlapping tiles; see the module docstring.
 
     Args:
         read_rows: returns normalised rows [y0, y1) of the image, (C, rows, width) float32.
         run: the model, NCHW float32 -> (N, K, h, w) logits; h, w are multiples of `multiple`.
-        tile: tile side in pixels (rounded up to `multiple`; smaller for a small image).
+        tile: tile side in pixels (rounded up to `multiple`; see `tile_grid` for small and thin images).
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         batch_size: tiles per call of `run`.
         multiple: the model's stride; every tile side is a multiple of it.
         tta: average over flips.
         blend: "gaussian" (no seams) or "constant" (plain average).
         on_tiles: called with the number of tiles just finished (for progress bars).
+        check: called before each batch of tiles; it may raise to stop the prediction (a deadline, a
+            shutdown).
 
     Yields:
         (y0, probabilities of shape (K, rows, width)) for finished rows, top to bottom.
     """
     grid = tile_grid(height, width, tile, overlap, multiple)
-    th, tw, margin = grid["tile_y"], grid["tile_x"], grid["margin"]
+    th, tw = grid["tile_y"], grid["tile_x"]
+    my, mx = grid["margin_y"], grid["margin_x"]
     ys, xs = grid["starts_y"], grid["starts_x"]
-    canvas_w = grid["canvas_x"]
     weights = blend_weights(th, tw, blend)
     predict = flip_tta(run) if tta else (lambda batch: softmax(run(batch)))
-    cols = reflect_index(np.arange(canvas_w) - margin, width)
+    cols = reflect_index(np.arange(grid["canvas_x"]) - mx, width)
 
-    acc = wsum = None
-    top = 0  # canvas row of acc[:, 0]; each tile row starts there
+    # The sums cover image pixels only: at most one tile's height of rows, the image's width.
+    rows_held = min(th, height)
+    acc = None
+    wsum = np.zeros((rows_held, width), dtype=np.float32)
+    top = 0  # image row of acc[:, 0]
     for i, y in enumerate(ys):
-        band = _read_canvas_rows(read_rows, y, y + th, margin, height)[:, :, cols]
+        rows = reflect_index(np.arange(y, y + th) - my, height)
+        lo = int(rows.min())
+        band = read_rows(lo, int(rows.max()) + 1)
+        ty0, ty1 = max(y, my) - y, min(y + th, my + height) - y  # tile rows that are image rows
+        iy0 = y + ty0 - my
         for b in range(0, len(xs), batch_size):
+            if check is not None:
+                check()
             chunk = xs[b : b + batch_size]
-            probs = predict(np.stack([band[:, :, x : x + tw] for x in chunk]))
+            probs = predict(np.stack([_take(_take(band, cols[x : x + tw], 2), rows - lo, 1) for x in chunk]))
             if acc is None:
-                acc = np.zeros((probs.shape[1], th, canvas_w), dtype=np.float32)
-                wsum = np.zeros((th, canvas_w), dtype=np.float32)
+                acc = np.zeros((probs.shape[1], rows_held, width), dtype=np.float32)
             for p, x in zip(probs, chunk):
-                acc[:, :, x : x + tw] += p * weights
-                wsum[:, x : x + tw] += weights
+                tx0, tx1 = max(x, mx) - x, min(x + tw, mx + width) - x
+                ix0 = x + tx0 - mx
+                w = weights[ty0:ty1, tx0:tx1]
+                acc[:, iy0 - top : iy0 - top + ty1 - ty0, ix0 : ix0 + tx1 - tx0] += p[:, ty0:ty1, tx0:tx1] * w
+                wsum[iy0 - top : iy0 - top + ty1 - ty0, ix0 : ix0 + tx1 - tx0] += w
             if on_tiles:
                 on_tiles(len(chunk))
-        done = ys[i + 1] if i + 1 < len(ys) else grid["canvas_y"]
-        lo, hi = max(top, margin), min(done, margin + height)
-        if hi > lo:
-            rows = slice(lo - top, hi - top)
-            out = acc[:, rows, margin : margin + width] / wsum[rows, margin : margin + width]
-            yield lo - margin, out
-        keep = top + th - done
-        acc[:, :keep] = acc[:, done - top : done - top + keep]
-        wsum[:keep] = wsum[done - top : done - top + keep]
-        acc[:, keep:] = 0
-        wsum[keep:] = 0
-        top = done
+        done = min(height, max(0, ys[i + 1] - my)) if i + 1 < len(ys) else height
+        if done > top:
+            yield top, acc[:, : done - top] / wsum[: done - top]
+            shift = done - top
+            acc[:, : rows_held - shift] = acc[:, shift:]
+            wsum[: rows_held - shift] = wsum[shift:]
+            acc[:, rows_held - shift :] = 0
+            wsum[rows_held - shift :] = 0
+            top = done
 
 
-def _read_canvas_rows(read_rows: RowReader, y0: int, y1: int, margin: int, height: int) -> np.ndarray:
-    """Canvas rows [y0, y1): image rows shifted by `margin`, mirrored beyond the image's edges."""
-    rows = reflect_index(np.arange(y0, y1) - margin, height)
-    lo, hi = int(rows.min()), int(rows.max()) + 1
-    return read_rows(lo, hi)[:, rows - lo]
+def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """`array` at `index` along `axis`: a view when the index is a plain ascending range."""
+    first = int(index[0])
+    if index[-1] - first == len(index) - 1 and (len(index) < 3 or np.all(np.diff(index) == 1)):
+        return array[(slice(None),) * axis + (slice(first, first + len(index)),)]
+    return np.take(array, index, axis=axis)
 
 
 def predict_array(image: np.ndarray, run: Runner, **options) -> np.ndarray:
