@@ -97,7 +97,7 @@ def build_model(
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"cannot build {arch} on encoder {encoder!r}: {err}") from None
     if encoder_weights:
-        load_encoder_weights(net.encoder, encoder_weights)
+        load_encoder_weights(net.encoder, encoder_weights, name=f"encoder {encoder}")
     depth = options.get("encoder_depth", 5)
     return SegModel(net, stride=getattr(net.encoder, "output_stride", 2**depth))
 
@@ -111,18 +111,62 @@ def build_model_from_config(cfg: Mapping[str, Any] | Any) -> SegModel:
     return build_model(**cfg, **options)
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    """Load an encoder state dict from a local file, ignoring a classifier head (`fc.*`) if present."""
+def load_encoder_weights(encoder: nn.Module, path: str | Path, name: str = "the encoder") -> None:
+    """Load an encoder state dict from a local file (e.g. a torchvision ResNet's), ignoring a classifier head.
+
+    When the encoder's first convolution takes other than the file's input channels (a 1- or 4-channel
+    model from 3-channel ImageNet weights), its kernels are adapted as smp does for pretrained encoders
+    (see `adapt_first_conv`). Any other mismatch, or a file that is not a state dict, is a `ConfigError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.encoder_weights: no such file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, not a torch file, or pickled objects that weights_only refuses
+        raise ConfigError(f"model.encoder_weights: {path} is not a readable PyTorch weights file") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if unexpected or len(missing) == len(list(encoder.state_dict())):
-        raise ConfigError(f"model.encoder_weights: {path} does not fit the encoder (unexpected keys: {unexpected[:3]})")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.encoder_weights: {path} holds no state dict (names to tensors)")
+    state = {k: v for k, v in state.items() if not str(k).startswith(("fc.", "classifier."))}
+    own = encoder.state_dict()
+    first = next((f"{n}.weight" for n, m in encoder.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first in state and first in own:
+        kept, wanted = state[first].shape, own[first].shape
+        if kept != wanted and kept[0] == wanted[0] and kept[2:] == wanted[2:]:
+            state[first] = adapt_first_conv(state[first], wanted[1])
+    # Files from older torch versions have no BatchNorm counters; those start at zero.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown, e.g. {unexpected[0]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape, e.g. {k} {_shape(state[k])} instead of {_shape(own[k])}")
+        raise ConfigError(f"model.encoder_weights: {path} does not fit {name}: {'; '.join(parts)}")
+    encoder.load_state_dict(state, strict=False)
 
 
-__all__ = ["ARCHS", "SegModel", "build_model", "build_model_from_config", "load_encoder_weights"]
+def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """First-convolution kernels (out, C, kh, kw) for `in_channels` inputs, as smp's `patch_first_conv`.
+
+    One channel gets the sum over the C kernels; otherwise channel i takes kernel i % C, and all are scaled
+    by C / in_channels, so that an image repeated over the channels gives the same response.
+    """
+    if in_channels == 1:
+        return weight.sum(1, keepdim=True)
+    channels = weight.shape[1]
+    return weight[:, torch.arange(in_channels) % channels] * (channels / in_channels)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape))
+
+
+__all__ = ["ARCHS", "SegModel", "adapt_first_conv", "build_model", "build_model_from_config", "load_encoder_weights"]
