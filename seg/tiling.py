@@ -156,33 +156,37 @@ def predict_tiled(
     predict = flip_tta(run) if tta else (lambda batch: softmax(run(batch)))
     cols = reflect_index(np.arange(grid["canvas_x"]) - mx, width)
 
-    # The sums cover image pixels only: at most one tile's height of rows, the image's width.
-    rows_held = min(th, height)
+    # Narrow images have fewer tiles per row than a batch: their batches take several tile rows.
+    group = max(1, -(-batch_size // len(xs)))
+    # The sums cover image pixels only: the rows of one group of tile rows, the image's width.
+    rows_held = min(height, th + (ys[min(group, len(ys)) - 1] - ys[0]))
     acc = None
     wsum = np.zeros((rows_held, width), dtype=np.float32)
     top = 0  # image row of acc[:, 0]
-    for i, y in enumerate(ys):
-        rows = reflect_index(np.arange(y, y + th) - my, height)
-        lo = int(rows.min())
-        band = read_rows(lo, int(rows.max()) + 1)
-        ty0, ty1 = max(y, my) - y, min(y + th, my + height) - y  # tile rows that are image rows
-        iy0 = y + ty0 - my
-        for b in range(0, len(xs), batch_size):
+    for g in range(0, len(ys), group):
+        tile_rows = ys[g : g + group]
+        rows = {y: _tile_rows(y, th, my, height) for y in tile_rows}
+        first = min(int(r.min()) for r in rows.values())
+        band = read_rows(first, max(int(r.max()) for r in rows.values()) + 1)
+        tiles = [(y, x) for y in tile_rows for x in xs]
+        for b in range(0, len(tiles), batch_size):
             if check is not None:
                 check()
-            chunk = xs[b : b + batch_size]
-            probs = predict(np.stack([_take(_take(band, cols[x : x + tw], 2), rows - lo, 1) for x in chunk]))
+            chunk = tiles[b : b + batch_size]
+            inputs = [_take(_take(band, cols[x : x + tw], 2), rows[y] - first, 1) for y, x in chunk]
+            probs = predict(np.stack(inputs))
             if acc is None:
                 acc = np.zeros((probs.shape[1], rows_held, width), dtype=np.float32)
-            for p, x in zip(probs, chunk):
+            for p, (y, x) in zip(probs, chunk):
+                ty0, ty1 = max(y, my) - y, min(y + th, my + height) - y  # tile rows that are image rows
                 tx0, tx1 = max(x, mx) - x, min(x + tw, mx + width) - x
-                ix0 = x + tx0 - mx
+                iy0, ix0 = y + ty0 - my - top, x + tx0 - mx
                 w = weights[ty0:ty1, tx0:tx1]
-                acc[:, iy0 - top : iy0 - top + ty1 - ty0, ix0 : ix0 + tx1 - tx0] += p[:, ty0:ty1, tx0:tx1] * w
-                wsum[iy0 - top : iy0 - top + ty1 - ty0, ix0 : ix0 + tx1 - tx0] += w
+                acc[:, iy0 : iy0 + ty1 - ty0, ix0 : ix0 + tx1 - tx0] += p[:, ty0:ty1, tx0:tx1] * w
+                wsum[iy0 : iy0 + ty1 - ty0, ix0 : ix0 + tx1 - tx0] += w
             if on_tiles:
                 on_tiles(len(chunk))
-        done = min(height, max(0, ys[i + 1] - my)) if i + 1 < len(ys) else height
+        done = min(height, max(0, ys[g + group] - my)) if g + group < len(ys) else height
         if done > top:
             yield top, acc[:, : done - top] / wsum[: done - top]
             shift = done - top
@@ -191,6 +195,11 @@ def predict_tiled(
             acc[:, rows_held - shift :] = 0
             wsum[rows_held - shift :] = 0
             top = done
+
+
+def _tile_rows(y: int, th: int, margin: int, height: int) -> np.ndarray:
+    """Image rows of canvas rows [y, y + th): shifted by the margin, mirrored beyond the image's edges."""
+    return reflect_index(np.arange(y, y + th) - margin, height)
 
 
 def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:

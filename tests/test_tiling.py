@@ -1,0 +1,105 @@
+"""The tiling's cost follows the pixel count for any shape, and its blend is exact for any shape."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from seg.tiling import predict_tiled, round_up, softmax, tile_grid
+
+THIN = [(1, 1_000_000), (1_000_000, 1), (10, 100_000), (100_000, 10), (3, 70_000)]
+
+
+def pointwise(batch: np.ndarray) -> np.ndarray:
+    """A model whose logits at a pixel depend on that pixel only: tiling must not change its output."""
+    x = batch[:, :1]
+    return np.concatenate([x, 1.0 - 2.0 * x, np.sin(5.0 * x)], axis=1)
+
+
+def tile_pixels(height: int, width: int, tile: int = 512, overlap: float = 0.25) -> int:
+    grid = tile_grid(height, width, tile, overlap, 32)
+    return grid["tiles"] * grid["tile_y"] * grid["tile_x"]
+
+
+@pytest.mark.parametrize("shape", THIN)
+def test_tiles_fit_thin_images(shape):
+    height, width = shape
+    grid = tile_grid(height, width, 512, 0.25, 32)
+    assert grid["tile_y"] <= round_up(3 * height, 32) and grid["tile_x"] <= round_up(3 * width, 32)
+    assert grid["tile_y"] * grid["tile_x"] <= 512 * 512
+    # Work per padded pixel is no worse than for the square image of the same pixel count.
+    side = int(np.sqrt(height * width))
+    padded = round_up(height, 32) * round_up(width, 32)
+    assert tile_pixels(height, width) / padded <= tile_pixels(side, side) / round_up(side, 32) ** 2
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5000), (5000, 1), (7, 3), (10, 3000), (700, 33), (600, 1300)])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_blend_is_exact_for_any_shape(shape, batch_size):
+    rng = np.random.default_rng(0)
+    image = rng.random((1, *shape), dtype=np.float32)
+    expected = softmax(pointwise(image[None]))[0]
+    bands = list(predict_tiled(lambda y0, y1: image[:, y0:y1], *shape, pointwise, tile=256, batch_size=batch_size))
+    assert [y0 for y0, _ in bands] == list(np.cumsum([0] + [p.shape[1] for _, p in bands[:-1]]))
+    got = np.concatenate([p for _, p in bands], axis=1)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def traced_peak(height: int, width: int) -> int:
+    """Peak numpy memory of a tiled prediction consumed band by band (the image itself excluded)."""
+    image = np.zeros((1, height, width), np.float32)
+    tracemalloc.start()
+    for _ in predict_tiled(lambda y0, y1: image[:, y0:y1], height, width, pointwise, tile=512):
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("shape", [(1, 400_000), (400_000, 1), (4, 100_000)])
+def test_memory_follows_the_pixel_count(shape):
+    side = int(np.sqrt(shape[0] * shape[1]))
+    assert traced_peak(*shape) < 2 * traced_peak(side, side)
+
+
+def test_check_stops_between_batches():
+    image = np.zeros((1, 2000, 2000), np.float32)
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        return pointwise(batch)
+
+    def check():
+        if len(calls) >= 2:
+            raise TimeoutError("deadline")
+
+    with pytest.raises(TimeoutError):
+        list(predict_tiled(lambda y0, y1: image[:, y0:y1], 2000, 2000, run, tile=256, batch_size=2, check=check))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("shape", [(1, 30_000), (30_000, 1), (10, 9_000)])
+def test_seg_predict_thin_real_images(tmp_path, shape):
+    """`seg predict` with the bundled model on thin strips of a real EM slice: a whole mask of that shape."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from seg.cli import app
+    from seg.imageio import read_image, read_mask
+
+    from conftest import SAMPLES
+
+    em = read_image(SAMPLES / "isbi_test_00.png")
+    thin, long = min(shape), max(shape)
+    strip = np.concatenate([em[y : y + thin] for y in range(0, 512 - thin + 1, thin)], axis=1)[:, :long]
+    strip = np.tile(strip, (1, -(-long // strip.shape[1])))[:, :long]
+    Image.fromarray(np.ascontiguousarray(strip if shape[0] == thin else strip.T)).save(tmp_path / "thin.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "thin.png"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    mask = read_mask(tmp_path / "out" / "thin.png")
+    assert mask.shape == shape
+    assert 0.05 < (mask == 0).mean() < 0.6  # membranes found along the strip, not one class everywhere
