@@ -6,17 +6,25 @@ For each input image, under `out` with the input's relative path and stem:
     STEM.overlay.png            the image with the coloured mask (--overlay)
     STEM.probs.tif              (H, W, K) float32 class probabilities (--probabilities)
     STEM.confidence.tif         (H, W) float32 probability of the chosen class (--confidence)
-    summary.json                per image: size, seconds, pixels per class, outputs, status
+    summary.json                per image: size, seconds, pixels per class, outputs, status, made_with
 
 Outputs are written atomically, the mask last, so a killed run leaves no half-written file under a
-final name; a rerun skips images whose outputs all exist whole (unless `force`). An image that cannot
-be read is reported and skipped; the summary counts it as failed.
+final name; summary.json is replaced after each image. Each entry records what made its outputs
+(`made_with`: the model file's SHA-256, tile, overlap, TTA, blending, format, the input's size and
+modification time). A rerun skips images whose outputs all exist whole and were recorded as made the
+same way (unless `force`); the others are predicted again. No output lands outside `out`: `..` in a
+glob is folded away (or the file name alone is used), and an image whose output path leads out through
+a symbolic link fails. An image that cannot be read is reported and skipped; the summary counts it as
+failed.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -82,7 +90,7 @@ def expand_inputs(items: Sequence[str], exclude: Path | None = None) -> list[Job
         if key in seen or (exclude is not None and key.is_relative_to(exclude)):
             return
         seen.add(key)
-        jobs.append(Job(path, relative))
+        jobs.append(Job(path, _inside_relative(relative, path)))
 
     for item in items:
         path = Path(item)
@@ -114,13 +122,23 @@ def _glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _inside_relative(relative: Path, path: Path) -> Path:
+    """`relative` with `..` folded away (a glob's `**/..`); the file name alone where it would climb out."""
+    folded = Path(os.path.normpath(relative))
+    if folded.is_absolute() or folded.parts[:1] in ((), ("..",), (".",)):
+        return Path(path.name)
+    return folded
+
+
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilities: bool, confidence: bool) -> None:
-    """Fill in each job's output paths; a second input that would write the same files fails."""
+    """Fill in each job's output paths; a second input that would write the same files fails, and so does
+    one whose outputs would land outside `out` (through a symbolic link already under `out`)."""
     owners: dict[Path, Path] = {}
+    root = out.resolve()
     for job in jobs:
         if job.error:
             continue
@@ -133,10 +151,20 @@ def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilit
         if confidence:
             job.outputs["confidence"] = stem.with_name(f"{stem.name}.confidence.tif")
         mask = job.outputs["mask"]
-        if mask in owners:
+        if not all(_lands_inside(path, root) for path in job.outputs.values()):
+            job.error = f"{job.source}: its output {mask} would be written outside --out through a symbolic link; not predicted"
+        elif mask in owners:
             job.error = f"{job.source}: its output {mask} is already that of {owners[mask]}; rename one of them"
         else:
             owners[mask] = job.source
+
+
+def _lands_inside(path: Path, root: Path) -> bool:
+    """True when `path`, with every symbolic link on it followed, lies under `root` (already resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop
+        return False
 
 
 def is_done(job: Job) -> bool:
@@ -197,32 +225,107 @@ def run_batch(
     )  # fmt: skip
     summary_path = out / "summary.json"
     previous = _previous_entries(summary_path)
+    settings = {
+        "model_sha256": file_sha256(predictor.path), "tile": predictor.tile, "overlap": predictor.overlap,
+        "tta": tta, "blend": predictor.blend, "format": fmt,
+    }  # fmt: skip
+    records = [_made_with(job, settings) for job in jobs]
+    skips = [
+        not force and not job.error and _same_making(job, record, previous.get(str(job.source)))
+        for job, record in zip(jobs, records)
+    ]  # fmt: skip
+    redo = sum(not (skip or force or job.error) and is_done(job) for job, skip in zip(jobs, skips))
+    if redo:
+        console.print(
+            f"{redo} image(s) have outputs made with other settings or not recorded in {summary_path}:"
+            " predicting them again", highlight=False, soft_wrap=True,
+        )  # fmt: skip
     entries: list[dict[str, Any]] = []
+    earlier = dict(previous)  # entries of earlier runs for inputs this run has not written yet
     start = time.perf_counter()
+
+    def summary_now(complete: bool) -> dict[str, Any]:
+        counts = {status: sum(e["status"] == status for e in entries) for status in ("ok", "skipped", "failed")}
+        return {
+            "model": str(predictor.path),
+            "model_name": predictor.info.name,
+            "model_sha256": settings["model_sha256"],
+            "provider": predictor.provider,
+            "classes": predictor.class_names,
+            "tile": predictor.tile,
+            "overlap": predictor.overlap,
+            "batch_size": predictor.batch_size,
+            "tta": tta,
+            "blend": predictor.blend,
+            "format": fmt,
+            **counts,
+            "complete": complete,
+            "seconds": round(time.perf_counter() - start, 3),
+            "images": entries,
+            "earlier": list(earlier.values()),
+        }
+
+    summary_file = _SummaryFile(summary_path)
     with _Progress(console, len(jobs)) as progress:
-        for job in jobs:
-            entry = _run_job(predictor, job, force, previous, progress)
+        for job, record, skip in zip(jobs, records, skips):
+            entry = _run_job(predictor, job, skip, record, previous, progress)
             entries.append(entry)
+            earlier.pop(str(job.source), None)
+            summary_file.write(summary_now(complete=False))
             progress.image_done(job, entry)
-    counts = {status: sum(e["status"] == status for e in entries) for status in ("ok", "skipped", "failed")}
-    summary = {
-        "model": str(predictor.path),
-        "model_name": predictor.info.name,
-        "provider": predictor.provider,
-        "classes": predictor.class_names,
-        "tile": predictor.tile,
-        "overlap": predictor.overlap,
-        "batch_size": predictor.batch_size,
-        "tta": tta,
-        "format": fmt,
-        **counts,
-        "seconds": round(time.perf_counter() - start, 3),
-        "images": entries,
-    }
-    with atomic_path(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    summary = summary_now(complete=True)
+    summary_file.write(summary, final=True)
     summary["summary_path"] = str(summary_path)
     return summary
+
+
+class _SummaryFile:
+    """summary.json, replaced atomically as images finish: after every image, unless writing it would take
+    more than about a tenth of the time (very many small images); then as often as that allows."""
+
+    def __init__(self, path: Path):
+        self.path, self.cost, self.last = path, 0.0, -math.inf
+
+    def write(self, summary: dict[str, Any], final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.last < 10 * self.cost:
+            return
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        self.last = time.perf_counter()
+        self.cost = self.last - now
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 in hex, computed once per file version (path, size, modification time)."""
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _made_with(job: Job, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """What makes the job's outputs: the run's settings and the input file's size and modification time."""
+    try:
+        st = job.source.stat()
+    except OSError:
+        return None
+    return {**settings, "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns}
+
+
+def _same_making(job: Job, made_with: dict[str, Any] | None, old: dict[str, Any] | None) -> bool:
+    """True when an earlier run recorded the same making for every output the job wants, and they exist whole."""
+    return (
+        made_with is not None and old is not None and old.get("made_with") == made_with
+        and set(job.outputs) <= set(old.get("outputs", {})) and is_done(job)
+    )  # fmt: skip
 
 
 def _check_writable(out: Path) -> None:
@@ -238,14 +341,17 @@ def _check_writable(out: Path) -> None:
         raise SegError(f"--out {out}: {who} cannot write here ({e.strerror or e})") from None
 
 
-def _run_job(predictor: Predictor, job: Job, force: bool, previous: dict[str, dict], progress: "_Progress") -> dict[str, Any]:
+def _run_job(
+    predictor: Predictor, job: Job, skip: bool, made_with: dict[str, Any] | None, previous: dict[str, dict],
+    progress: "_Progress",
+) -> dict[str, Any]:  # fmt: skip
     entry: dict[str, Any] = {"input": str(job.source), "outputs": {k: str(v) for k, v in job.outputs.items()}}
     if job.error:
         return {**entry, "status": "failed", "error": job.error}
-    if not force and is_done(job):
+    if skip:
         old = previous.get(str(job.source), {})
         kept = {k: old[k] for k in ("height", "width", "seconds", "pixels_per_class") if k in old}
-        return {**entry, **kept, "status": "skipped"}
+        return {**entry, **kept, "made_with": made_with, "status": "skipped"}
     paths = job.outputs
     try:
         on_tiles = progress.start_image(job, predictor)
@@ -260,14 +366,19 @@ def _run_job(predictor: Predictor, job: Job, force: bool, previous: dict[str, di
     finally:
         progress.end_image()
     keep = ("height", "width", "channels", "dtype", "tiles", "seconds", "pixels_per_class")
-    return {**entry, **{k: result[k] for k in keep}, "status": "ok"}
+    return {**entry, **{k: result[k] for k in keep}, "made_with": made_with, "status": "ok"}
 
 
 def _previous_entries(path: Path) -> dict[str, dict]:
-    """Entries of an earlier summary, by input path (kept for images skipped on resume)."""
+    """Recorded entries of an earlier summary (its images and those it kept), by input path, where the mask exists."""
     try:
-        return {e["input"]: e for e in json.loads(path.read_text())["images"] if e.get("status") != "failed"}
-    except (OSError, ValueError, KeyError, TypeError):
+        summary = json.loads(path.read_text())
+        entries = [*summary.get("earlier", []), *summary["images"]]
+        return {
+            e["input"]: e for e in entries
+            if e.get("status") != "failed" and e.get("made_with") and Path(e["outputs"]["mask"]).is_file()
+        }  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
