@@ -37,7 +37,7 @@ from rich.text import Text
 
 from seg.errors import SegError
 from seg.imageio import atomic_path, is_image_file
-from seg.predictor import Predictor, image_size, output_is_whole
+from seg.predictor import Predictor, image_size, output_is_whole, stack_size
 from seg.runtime import default_model
 
 FORMATS = ("png", "tif")
@@ -143,16 +143,17 @@ def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilit
         if job.error:
             continue
         stem = out / job.relative.parent / job.relative.stem
-        job.outputs = {"mask": stem.with_name(f"{stem.name}.{fmt}")}
+        kind = "tif" if stack_size(job.source) > 1 else fmt  # a stack's outputs are multi-page TIFFs
+        job.outputs = {"mask": stem.with_name(f"{stem.name}.{kind}")}
         if overlay:
-            job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.png")
+            job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.{'tif' if kind != fmt else 'png'}")
         if probabilities:
             job.outputs["probabilities"] = stem.with_name(f"{stem.name}.probs.tif")
         if confidence:
             job.outputs["confidence"] = stem.with_name(f"{stem.name}.confidence.tif")
         mask = job.outputs["mask"]
         if not all(_lands_inside(path, root) for path in job.outputs.values()):
-            job.error = f"{job.source}: its output {mask} would be written outside --out through a symbolic link; not predicted"
+            job.error = f"{job.source}: its output {mask} leads outside --out through a symbolic link; not predicted"
         elif mask in owners:
             job.error = f"{job.source}: its output {mask} is already that of {owners[mask]}; rename one of them"
         else:
@@ -350,12 +351,13 @@ def _run_job(
         return {**entry, "status": "failed", "error": job.error}
     if skip:
         old = previous.get(str(job.source), {})
-        kept = {k: old[k] for k in ("height", "width", "seconds", "pixels_per_class") if k in old}
+        kept = {k: old[k] for k in ("height", "width", "slices", "seconds", "pixels_per_class") if k in old}
         return {**entry, **kept, "made_with": made_with, "status": "skipped"}
     paths = job.outputs
     try:
         on_tiles = progress.start_image(job, predictor)
-        result = predictor.predict_file(
+        predict = predictor.predict_stack if stack_size(job.source) > 1 else predictor.predict_file
+        result = predict(
             job.source, paths["mask"], probabilities_path=paths.get("probabilities"),
             confidence_path=paths.get("confidence"), overlay_path=paths.get("overlay"), on_tiles=on_tiles,
         )  # fmt: skip
@@ -365,8 +367,10 @@ def _run_job(
         return {**entry, "status": "failed", "error": message}
     finally:
         progress.end_image()
-    keep = ("height", "width", "channels", "dtype", "tiles", "seconds", "pixels_per_class")
-    return {**entry, **{k: result[k] for k in keep}, "made_with": made_with, "status": "ok"}
+    keep = ("height", "width", "slices", "channels", "dtype", "tiles", "seconds", "pixels_per_class")
+    if "slices" in result:
+        entry["note"] = f"a stack of {result['slices']} slices: one page per slice in multi-page TIFFs"
+    return {**entry, **{k: result[k] for k in keep if k in result}, "made_with": made_with, "status": "ok"}
 
 
 def _previous_entries(path: Path) -> dict[str, dict]:

@@ -139,7 +139,7 @@ def predict(
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32."),
     confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG) or tif (tiled TIFF)."),
-    force: bool = typer.Option(False, "--force", help="Predict again even where the outputs exist."),
+    force: bool = typer.Option(False, "--force", help="Predict again even where outputs made the same way exist."),
 ):
     """Segment images by tiles with an ONNX model (default: $SEG_MODEL, else the bundled one)."""
     from seg.batch import run_batch, split_model

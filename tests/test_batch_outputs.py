@@ -110,7 +110,8 @@ def test_relative_globs_climbing_out_of_the_working_folder(conv_onnx, tree, tmp_
     out = tree / "out"
     before = snapshot(tmp_path)
     cmd = [sys.executable, "-m", "seg.cli", "predict", str(conv_onnx), "*/../../*.png", "../x/*.png", "--out", "../out"]
-    result = subprocess.run(cmd, cwd=tree / "in", capture_output=True, text=True, timeout=120, env={**os.environ, "CI": "1"})
+    env = {**os.environ, "CI": "1"}
+    result = subprocess.run(cmd, cwd=tree / "in", capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert changed_outside(before, snapshot(tmp_path), out) == []
     assert sorted(p.name for p in out.glob("*.png")) == ["c.png", "top.png"]
@@ -178,7 +179,8 @@ def test_rerun_skips_only_outputs_made_the_same_way(conv_onnx, conv_onnx_factory
     first = summary_of(out)
     record = by_name(first)["a.png"]["made_with"]
     assert record["model_sha256"] == first["model_sha256"] and len(record["model_sha256"]) == 64
-    assert (record["tile"], record["overlap"], record["tta"], record["blend"], record["format"]) == (256, 0.25, False, "gaussian", "png")
+    settings = (record["tile"], record["overlap"], record["tta"], record["blend"], record["format"])
+    assert settings == (256, 0.25, False, "gaussian", "png")
     stamps = mtimes(out, "a.png", "b.png")
 
     def rerun(*options, model=conv_onnx) -> tuple[dict, str]:
