@@ -433,7 +433,7 @@ class _Progress:
         if status == "failed":
             line = Text.assemble(("failed ", "red"), entry["error"])
         elif status == "skipped":
-            line = Text(f"skipped {job.source} (outputs exist; --force to redo)")
+            line = Text(f"skipped {job.source} (outputs made the same way exist; --force to redo)")
         else:
             line = Text(f"ok {job.source} -> {job.outputs['mask']} ({entry['width']}x{entry['height']}, {entry['seconds']:.2f} s)")
         if self.bar:

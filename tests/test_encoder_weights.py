@@ -143,7 +143,7 @@ def test_seg_train_refuses_weights_of_another_encoder(resnet_file, em_folder, tm
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("content", ["truncated", "text", "tensor"])
+@pytest.mark.parametrize("content", ["truncated", "text", "tensor", "module"])
 def test_seg_train_refuses_a_corrupt_weights_file(resnet_file, em_folder, tmp_path, content):
     good, _ = resnet_file("resnet18")
     bad = tmp_path / "weights.pth"
@@ -151,8 +151,10 @@ def test_seg_train_refuses_a_corrupt_weights_file(resnet_file, em_folder, tmp_pa
         bad.write_bytes(good.read_bytes()[:5000])
     elif content == "text":
         bad.write_text("not weights\n")
-    else:
+    elif content == "tensor":
         torch.save(torch.zeros(3), bad)
+    else:  # a whole pickled network, not its state dict
+        torch.save(torch.nn.Conv2d(3, 8, 3), bad)
     line = error_line(train_with_weights(tmp_path, em_folder, bad))
     assert str(bad) in line and ("not a readable PyTorch weights file" in line or "holds no state dict" in line)
 

@@ -124,7 +124,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, name: str = "the 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # truncated, not a torch file, or pickled objects that weights_only refuses
-        raise ConfigError(f"model.encoder_weights: {path} is not a readable PyTorch weights file") from None
+        raise ConfigError(
+            f"model.encoder_weights: {path} is not a readable PyTorch weights file (a state dict saved with torch.save)"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
