@@ -204,7 +204,7 @@ def run_batch(
         probabilities: also write STEM.probs.tif.
         confidence: also write STEM.confidence.tif.
         fmt: the mask's format, "png" or "tif".
-        force: predict again even when the outputs exist.
+        force: predict again even when outputs recorded as made the same way exist.
         console: where progress and messages go (default: stderr).
 
     Raises:
