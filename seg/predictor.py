@@ -18,6 +18,7 @@ This module imports onnxruntime, numpy and image libraries only, never torch.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import struct
@@ -34,8 +35,8 @@ import numpy as np
 
 from seg.errors import ImageError, SegError
 from seg.imageio import (
-    TIFF_SUFFIXES, atomic_path, default_palette, display_range, overlay, read_image, tiff_layout, to_channels,
-    to_display_rgb,
+    PIL_FORMATS, TIFF_SUFFIXES, atomic_path, default_palette, display_range, exif_orientation, is_tiff, orient,
+    overlay, read_image, stack_message, tiff_colours, tiff_layout, to_channels, to_display_rgb,
 )  # fmt: skip
 from seg.preprocess import intensity_range, normalize
 from seg.runtime import ModelInfo, create_session, describe_provider, read_model_info
@@ -291,6 +292,72 @@ class Predictor:
             "outputs": {kind: str(target) for kind, (target, _, _) in targets.items()},
         }
 
+    def predict_stack(
+        self,
+        path: str | Path,
+        out_path: str | Path,
+        probabilities_path: str | Path | None = None,
+        confidence_path: str | Path | None = None,
+        overlay_path: str | Path | None = None,
+        on_tiles: Callable[[int], None] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Segment a TIFF stack slice by slice into multi-page TIFFs, one page per slice.
+
+        Slices are read one at a time (pages, unless the file says they are channels: see
+        `seg.imageio.TiffLayout`) and segmented as images of their own; memory holds about one slice.
+        Outputs as `predict_file`, each a zlib-compressed multi-page TIFF whatever its suffix says: the
+        mask (H, W) pages, probabilities (H, W, K), confidence (H, W), overlay (H, W, 3).
+
+        Returns:
+            A summary as `predict_file`'s, with `slices`; pixels per class are summed over the slices.
+
+        Raises:
+            ImageError: the file cannot be read, is not a TIFF or does not fit the model.
+        """
+        start = time.perf_counter()
+        path = Path(path)
+        if not path.is_file():
+            raise ImageError(f"{path}: no such file")
+        if not is_tiff(path):
+            raise ImageError(f"{path}: not a TIFF; stacks are multi-page TIFFs")
+        targets = {"mask": out_path, "probabilities": probabilities_path, "confidence": confidence_path, "overlay": overlay_path}
+        targets = {kind: Path(target) for kind, target in targets.items() if target}  # the mask first: renamed last
+        k = self.num_classes
+        with TiffSource(path) as source, ExitStack() as stack:
+            self._check_channels(source)
+            size = source.height * source.width * source.slices
+            per_pixel = {"mask": self.mask_dtype.itemsize, "probabilities": 4 * k, "confidence": 4, "overlay": 3}
+            writers = {kind: stack.enter_context(page_writer(target, size * per_pixel[kind])) for kind, target in targets.items()}
+            counts = np.zeros(k, dtype=np.int64)
+            for number in range(source.slices):
+                source.select(number)
+                image = source.read(0, source.height)
+                name = f"{path} (slice {number})"
+                result = self.predict(
+                    image, probabilities="probabilities" in writers, confidence="confidence" in writers,
+                    on_tiles=on_tiles, name=name, check=check,
+                )  # fmt: skip
+                counts += np.bincount(result.mask.ravel(), minlength=k)[:k]
+                writers["mask"](result.mask)
+                if "probabilities" in writers:
+                    writers["probabilities"](result.probabilities.transpose(1, 2, 0))
+                if "confidence" in writers:
+                    writers["confidence"](result.confidence)
+                if "overlay" in writers:
+                    writers["overlay"](overlay(image, result.mask, self.palette))
+        return {
+            "height": source.height,
+            "width": source.width,
+            "slices": source.slices,
+            "channels": source.channels,
+            "dtype": str(source.dtype),
+            "tiles": self.tile_count(source.height, source.width) * source.slices,
+            "seconds": round(time.perf_counter() - start, 3),
+            "pixels_per_class": {name: int(n) for name, n in zip(self.class_names, counts)},
+            "outputs": {kind: str(target) for kind, target in targets.items()},
+        }
+
     @property
     def class_names(self) -> list[str]:
         """One name per output class (a sigmoid model's two are background and the one given)."""
@@ -398,11 +465,12 @@ class ArraySource(ImageSource):
 
 class TiffSource(ImageSource):
     """A TIFF read by row bands: strips or tiles through tifffile's zarr store, and uncompressed
-    contiguous data (one strip, as tifffile writes by default) by plain file reads at row offsets.
+    contiguous data (as tifffile writes by default) by plain file reads at row offsets.
 
     A compressed TIFF in chunks taller than `MAX_CHUNK_ROWS` rows (e.g. one compressed strip) cannot be read
-    by bands without decoding each chunk again for every band, so it is decoded whole once.
-    Layouts as `seg.imageio.read_image`: (H, W), (H, W, C), and channel-first (C, H, W) for C <= 8.
+    by bands without decoding each chunk again for every band, so its slice is decoded whole once.
+    Layouts by `seg.imageio.tiff_layout`: a stack has `slices` slices (pages, unless the file says they are
+    channels), read one at a time (`select`); colours by `seg.imageio.tiff_colours`, per band.
     """
 
     def __init__(self, path: Path):
@@ -413,6 +481,7 @@ class TiffSource(ImageSource):
         self._whole: np.ndarray | None = None
         self._offset: int | None = None
         self._decode_whole = False
+        self.slice = 0
         try:
             self.tif = tifffile.TiffFile(path)
             series = self.tif.series[0]
@@ -420,17 +489,26 @@ class TiffSource(ImageSource):
         except Exception as err:  # tifffile raises many types for broken files
             raise ImageError(f"{path}: cannot read TIFF ({err})") from None
         try:
-            self._lead, (self.height, self.width, self.channels), self.channel_first = tiff_layout(shape)
+            self.layout = tiff_layout(shape, series.axes)
+            self._convert = tiff_colours(page, self.layout.channels)
         except ImageError as err:
             self.tif.close()
-            raise ImageError(f"{path}: {err} ({series.axes})") from None
-        self.dtype = np.dtype(np.uint8) if series.dtype == bool else np.dtype(series.dtype)
+            raise ImageError(f"{path}: {err}") from None
+        self.height, self.width, self.slices = self.layout.height, self.layout.width, self.layout.slices
         self._stored = np.dtype(series.dtype).newbyteorder(self.tif.byteorder)
+        probe = self._convert(np.zeros((1, 1, self.layout.channels), np.dtype(series.dtype)))
+        self.channels, self.dtype = probe.shape[2], probe.dtype
         contiguous = page.compression == 1 and page.bitspersample % 8 == 0 and page.fillorder == 1
         if contiguous and series.dataoffset is not None and series.dtype != bool:
             self._offset = int(series.dataoffset)
         else:
             self._open_zarr()
+
+    def select(self, number: int) -> None:
+        """Read slice `number` (0 .. slices - 1) from now on."""
+        if not 0 <= number < self.slices:
+            raise ImageError(f"{self.name}: no slice {number} in {self.slices}")
+        self.slice, self._whole = number, None
 
     def _open_zarr(self) -> None:
         import zarr
@@ -439,58 +517,52 @@ class TiffSource(ImageSource):
             array = zarr.open(self.tif.aszarr(series=0, level=0), mode="r")
         except Exception as err:  # tifffile or zarr, on files they cannot map
             raise ImageError(f"{self.name}: cannot read TIFF ({err})") from None
-        chunk_rows = array.chunks[self._lead + (1 if self.channel_first else 0)]
-        self._decode_whole = chunk_rows > MAX_CHUNK_ROWS
+        self._decode_whole = array.chunks[self.layout.y] > MAX_CHUNK_ROWS
         self._array = array
 
-    def _load_whole(self) -> np.ndarray:
-        if self._whole is None:
-            whole = read_image(self.name)
-            whole = whole[..., None] if whole.ndim == 2 else whole
-            if whole.shape != (self.height, self.width, self.channels):
-                raise ImageError(f"{self.name}: TIFF decodes to {whole.shape}, not {(self.height, self.width, self.channels)}")
-            self._whole = whole
-        return self._whole
+    def _read_stored(self, y0: int, y1: int) -> np.ndarray:
+        """Rows [y0, y1) of the slice as stored: (rows, W, stored channels)."""
+        if self._offset is not None:
+            return self._read_contiguous(y0, y1)
+        return self.layout.to_image(np.asarray(self._array[self.layout.index(self.slice, y0, y1)]))
 
     def read(self, y0: int, y1: int) -> np.ndarray:
         y0, y1 = max(0, y0), min(self.height, y1)
-        if self._decode_whole:
-            return self._load_whole()[y0:y1]
         try:
-            if self._offset is not None:
-                rows = self._read_contiguous(y0, y1)
+            if self._decode_whole:
+                if self._whole is None:
+                    self._whole = self._read_stored(0, self.height)
+                rows = self._whole[y0:y1]
             else:
-                lead = (0,) * self._lead
-                if self.channel_first:
-                    rows = np.moveaxis(np.asarray(self._array[(*lead, slice(None), slice(y0, y1))]), 0, -1)
-                else:
-                    rows = np.asarray(self._array[(*lead, slice(y0, y1))])
+                rows = self._read_stored(y0, y1)
         except ImageError:
             raise
         except Exception as err:  # truncated or corrupt strips surface only when read
             raise ImageError(f"{self.name}: cannot read rows {y0}..{y1} ({err})") from None
-        rows = rows.reshape(y1 - y0, self.width, self.channels)
-        return rows.astype(np.uint8) if rows.dtype == bool else rows
+        return self._convert(rows.reshape(y1 - y0, self.width, self.layout.channels))
 
     def _read_contiguous(self, y0: int, y1: int) -> np.ndarray:
         """Rows of uncompressed contiguous data, read at their offsets (no memory map: RSS stays flat)."""
-        fh, itemsize, n = self.tif.filehandle, self._stored.itemsize, y1 - y0
-        if self.channel_first:
+        fh, itemsize, n, layout = self.tif.filehandle, self._stored.itemsize, y1 - y0, self.layout
+        strides = [math.prod(layout.shape[i + 1 :]) for i in range(len(layout.shape))]  # in items, C order
+        index = layout.index(self.slice, y0, y1)
+        start = sum(i * strides[a] for a, i in enumerate(index) if isinstance(i, int)) + y0 * strides[layout.y]
+        if layout.channel is not None and layout.channel < layout.y:  # planes: one read per channel
             planes = [
-                _read_exact(fh, self._offset + (c * self.height + y0) * self.width * itemsize, self._stored, n * self.width, self.name)
-                for c in range(self.channels)
+                _read_exact(fh, self._offset + (start + c * strides[layout.channel]) * itemsize, self._stored, n * self.width, self.name)
+                for c in range(layout.channels)
             ]
             rows = np.stack(planes, axis=-1)
         else:
-            row_items = self.width * self.channels
-            rows = _read_exact(fh, self._offset + y0 * row_items * itemsize, self._stored, n * row_items, self.name)
-        return rows.reshape(n, self.width, self.channels).astype(self.dtype, copy=False)
+            row_items = self.width * layout.channels
+            rows = _read_exact(fh, self._offset + start * itemsize, self._stored, n * row_items, self.name)
+        return rows.reshape(n, self.width, layout.channels).astype(self._stored.newbyteorder("="), copy=False)
 
     def sample(self, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
         """Up to `LARGE_PIXELS`: every step-th row and column, as for an array in memory. Beyond: 32 evenly
         spaced bands of up to 64 rows, columns strided, so a huge file is not read twice."""
         if self._decode_whole:
-            return ArraySource(self._load_whole(), self.name).sample(max_pixels)
+            return ArraySource(self.read(0, self.height), self.name).sample(max_pixels)
         if self.height * self.width <= LARGE_PIXELS:
             return super().sample(max_pixels)
         bands = min(32, self.height)
@@ -524,28 +596,46 @@ def open_image(path: str | Path) -> ImageSource:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        return TiffSource(path)
+    if is_tiff(path):
+        source = TiffSource(path)
+        if source.slices > 1:
+            source.close()
+            raise ImageError(f"{path}: {stack_message(source.layout)}")
+        return source
     return ArraySource(_read_whole(path), str(path))
 
 
+def stack_size(path: str | Path) -> int:
+    """Slices in a TIFF stack (see `seg.imageio.TiffLayout`); 1 for one image and for anything unreadable."""
+    import tifffile
+
+    try:
+        if is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                return tiff_layout(tif.series[0].shape, tif.series[0].axes).slices
+    except Exception:  # unreadable: the prediction will report it
+        pass
+    return 1
+
+
 def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(height, width) from the file's header without decoding it; None when unknown or unreadable."""
+    """(height, width) from the file's header without decoding it, as the image is shown (EXIF orientation;
+    a slice of a stack); None when unknown or unreadable."""
     path = Path(path)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if is_tiff(path):
             with TiffSource(path) as source:
                 return source.height, source.width
         with open(path, "rb") as f:
             size = _png_size(f.read(24))
-        if size is not None:
-            return size
-        from PIL import Image
+        if size is None:
+            from PIL import Image
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return im.height, im.width
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path, formats=PIL_FORMATS) as im:
+                    size = im.height, im.width
+        return size[::-1] if exif_orientation(path) in (5, 6, 7, 8) else size
     except Exception:  # unreadable: the prediction will report it
         return None
 
@@ -576,7 +666,7 @@ def _read_whole(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read image ({err})") from None
     if image.ndim == 3 and image.shape[2] == 2:  # grey + alpha
         image = image[..., :1]
-    return image
+    return orient(image, exif_orientation(path))  # as Pillow's path turns it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -625,6 +715,28 @@ def band_writer(
             writer.abort()
             raise
         writer.close()
+
+
+@contextmanager
+def page_writer(path: str | Path, size: int = 0) -> Iterator[Callable[[np.ndarray], None]]:
+    """A function that appends one page, (H, W) or (H, W, S), to a multi-page zlib TIFF written into a
+    temporary file beside `path` and renamed onto it when complete (removed on error).
+
+    Pages are striped (readable by ImageJ and Fiji as a stack) and carry no shape metadata, so tifffile
+    reads them back as one (pages, H, W[, S]) series; BigTIFF when `size` (uncompressed bytes) passes 2 GB.
+    """
+    import tifffile
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=size > 2**31) as tif:
+
+        def write(page: np.ndarray) -> None:
+            rgb = page.ndim == 3 and page.shape[2] == 3 and page.dtype == np.uint8
+            tif.write(
+                page, compression="zlib", photometric="rgb" if rgb else "minisblack", metadata=None,
+                planarconfig="contig" if page.ndim == 3 else None, rowsperstrip=64,
+            )  # fmt: skip
+
+        yield write
 
 
 class PngBandWriter(BandWriter):

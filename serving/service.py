@@ -235,17 +235,17 @@ def header_shape(data: bytes) -> tuple[int, int, int]:
 
         try:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                shape = tuple(tif.series[0].shape)
+                shape, axes = tuple(tif.series[0].shape), tif.series[0].axes
         except Exception as err:  # tifffile raises many types for broken files
             raise ImageError(f"image: cannot read TIFF ({err})") from None
         try:
-            return imageio.tiff_layout(shape)[1]
+            return imageio.tiff_layout(shape, axes).image_shape
         except ImageError as err:
             raise ImageError(f"image: {err}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=imageio.PIL_FORMATS) as im:
                 return im.height, im.width, len(im.getbands())
     except Image.DecompressionBombError as err:
         raise TooLarge(f"image: {err}") from None

@@ -109,7 +109,8 @@ def test_multichannel_tiff(conv_onnx_factory, tmp_path, planar):
     predictor = Predictor(conv_onnx_factory(in_channels=5, classes=3), device="cpu")
     image = np.random.default_rng(1).integers(0, 4096, (70, 90, 5), dtype=np.uint16)
     stored = np.moveaxis(image, -1, 0) if planar else image
-    tifffile.imwrite(tmp_path / "multi.tif", stored, photometric="minisblack", rowsperstrip=16)
+    planes = {"planarconfig": "separate"} if planar else {}  # one page of 5 planes, not a stack of 5 pages
+    tifffile.imwrite(tmp_path / "multi.tif", stored, photometric="minisblack", rowsperstrip=16, **planes)
 
     summary = predictor.predict_file(tmp_path / "multi.tif", tmp_path / "multi_mask.tif")
 
@@ -242,8 +243,10 @@ def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_f
 def test_tiff_layouts_read_alike_whole_and_by_bands(tmp_path, stored, expected):
     """File, bytes and band reader share one layout rule (`seg.imageio.tiff_layout`)."""
     data = np.random.default_rng(0).integers(0, 60000, stored).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "in.tif", data, photometric="minisblack")
-    assert tiff_layout(stored)[1] == expected
+    planes = {"planarconfig": "separate"} if stored[0] == 2 else {}  # channel-first: one page of planes
+    tifffile.imwrite(tmp_path / "in.tif", data, photometric="minisblack", **planes)
+    with tifffile.TiffFile(tmp_path / "in.tif") as tif:
+        assert tiff_layout(tif.series[0].shape, tif.series[0].axes).image_shape == expected
     whole = read_image(tmp_path / "in.tif")
     decoded = decode_image((tmp_path / "in.tif").read_bytes())
     with TiffSource(tmp_path / "in.tif") as source:
