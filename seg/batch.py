@@ -416,7 +416,7 @@ class _Progress:
         if self.bar is None:
             return None
         size = image_size(job.source)
-        tiles = predictor.tile_count(*size) if size else 0
+        tiles = predictor.tile_count(*size) * stack_size(job.source) if size else 0
         if tiles <= LARGE_IMAGE_TILES:
             return None
         self.tile_task = self.bar.add_task(f"  tiles of {job.relative}", total=tiles)

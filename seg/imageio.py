@@ -1,7 +1,9 @@
 """Reading images and masks, converting channels, writing results atomically.
 
 Images come back as numpy arrays in their own dtype (uint8, uint16, float32), shaped (H, W) for grey and
-(H, W, C) otherwise. Nothing here normalises: that is `seg.preprocess`.
+(H, W, C) otherwise, as they are shown: turned by their EXIF orientation, TIFF colours by their photometric
+interpretation. Pillow opens PNG, JPEG and BMP only (TIFFs go to tifffile). Nothing here normalises: that
+is `seg.preprocess`.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ def unsupported_format(source: str | Path | bytes) -> str:
     if isinstance(source, bytes):
         head = source[:16]
     else:
-        with open(source, "rb") as f:
-            head = f.read(16)
+        try:
+            with open(source, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            head = b""
     name = next((fmt for magic, fmt in OTHER_FORMATS if head.startswith(magic)), None)
     if name is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         name = "WebP"
@@ -160,11 +165,19 @@ def orient(image: np.ndarray, orientation: int) -> np.ndarray:
     return np.flip(image, flips) if flips else image
 
 
+def exif_transpose(im: Image.Image) -> None:
+    """Turn a loaded image in place as its EXIF orientation says; unreadable EXIF is left alone."""
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception:  # Pillow raises many types for malformed EXIF blocks; the pixels are still good
+        pass
+
+
 def pil_to_array(im: Image.Image) -> np.ndarray:
     """A loaded PIL image as an array, turned by its EXIF orientation; palette images become RGB, 16-bit
     stays 16-bit."""
     im.load()
-    ImageOps.exif_transpose(im, in_place=True)
+    exif_transpose(im)
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -377,7 +390,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         try:
             with Image.open(path, formats=PIL_FORMATS) as im:
                 im.load()
-                ImageOps.exif_transpose(im, in_place=True)  # as its image is turned
+                exif_transpose(im)  # as its image is turned
                 arr = np.asarray(im) if im.mode in ("P", "L", "I;16", "I", "1") else pil_to_array(im)
         except UnidentifiedImageError:  # its message holds the file's name
             raise ImageError(f"{path}: {unsupported_format(path)}") from None
