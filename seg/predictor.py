@@ -591,7 +591,7 @@ def open_image(path: str | Path) -> ImageSource:
     """An `ImageSource` for a file: TIFFs by bands, other formats decoded whole.
 
     Raises:
-        ImageError: missing, unreadable or unsupported file.
+        ImageError: missing, unreadable or unsupported file, or a TIFF stack (see `Predictor.predict_stack`).
     """
     path = Path(path)
     if not path.is_file():

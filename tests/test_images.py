@@ -285,6 +285,26 @@ def test_seg_predict_segments_a_stack_slice_by_slice(conv_onnx, tmp_path, writer
     assert code == 0 and summary["images"][0]["status"] == "skipped"
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"imagej": True, "metadata": {"axes": "ZCYX"}},  # uncompressed, contiguous: read at offsets
+        {"photometric": "minisblack", "metadata": {"axes": "ZCYX"}, "compression": "zlib", "tile": (64, 64)},
+        {"photometric": "minisblack", "metadata": {"axes": "ZCYX"}, "compression": "zlib", "rowsperstrip": 2100},
+    ],
+    ids=["contiguous", "tiled", "one-tall-strip"],
+)
+def test_slices_read_by_bands_are_the_stack(tmp_path, options):
+    stack = np.random.default_rng(0).integers(0, 60000, (3, 2, 2100, 70)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack, **options)
+    with TiffSource(tmp_path / "s.tif") as source:
+        assert (source.slices, source.height, source.width, source.channels) == (3, 2100, 70, 2)
+        for number in (2, 0, 1):
+            source.select(number)
+            bands = np.concatenate([source.read(y, y + 500) for y in range(0, source.height, 500)])
+            assert np.array_equal(bands, np.moveaxis(stack[number], 0, -1))
+
+
 def test_channels_said_by_the_file_are_channels(conv_onnx_factory, tmp_path):
     """ImageJ 'ZCYX': 4 slices of 2 channels; OME 'CYX': one image of 2 channels."""
     stack = _stack(8).reshape(4, 2, 300, 200)
