@@ -6,9 +6,10 @@ Every model endpoint goes request -> image array -> Predictor -> response. The i
 upload (field `image`) or as the raw body (see `serving.gate`); it is checked against the limits from its
 header before any pixel is decoded. Client errors answer a JSON body {"error": "..."}:
 
-    400  unreadable, empty or unsupported image; parameters out of range (BentoML's own validation)
+    400  unreadable, empty or unsupported image; parameters out of range (BentoML's validation, reworded)
     401  API key missing or wrong (when SEG_API_KEY is set)
-    413  body over SEG_MAX_BYTES, or image over SEG_MAX_PIXELS
+    413  body over SEG_MAX_BYTES, image over SEG_MAX_PIXELS, SEG_MAX_SIDE or SEG_MAX_DECODE_BYTES
+    415  a Content-Type the route does not take (never reaches BentoML, which unpickles some)
     429  more than SEG_CONCURRENCY requests at once (BentoML)
     504  not answered within SEG_TIMEOUT seconds (BentoML)
 
@@ -28,7 +29,7 @@ from typing import Annotated, Literal
 import bentoml
 import numpy as np
 from bentoml.validators import ContentType
-from PIL import Image
+from PIL import Image, ImageMode, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
@@ -44,9 +45,14 @@ if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a fail
 MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
-Tile = Annotated[int, Field(ge=MIN_TILE, le=SETTINGS.max_tile, description="tile side (default: the model's)")]
-Overlap = Annotated[float, Field(ge=0.0, le=MAX_OVERLAP, description="tile overlap fraction (default: the model's)")]
-TTA = Annotated[bool, Field(description="average over flips (4 runs per tile)")]
+# strict, as the schema says: 64.0 for a tile, 0 for tta or true for a fraction are refused, not converted
+Tile = Annotated[
+    int, Field(ge=MIN_TILE, le=SETTINGS.max_tile, strict=True, description="tile side (default: the model's)")
+]
+Overlap = Annotated[
+    float, Field(ge=0.0, le=MAX_OVERLAP, strict=True, description="tile overlap fraction (default: the model's)")
+]
+TTA = Annotated[bool, Field(strict=True, description="average over flips (4 runs per tile)")]
 
 
 class TooLarge(SegError):
@@ -168,7 +174,7 @@ class Segmentation:
         tile: Tile | None = None,
         overlap: Overlap | None = None,
         tta: TTA = False,
-        alpha: Annotated[float, Field(ge=0.0, le=1.0, description="opacity of the mask colours")] = 0.5,
+        alpha: Annotated[float, Field(ge=0.0, le=1.0, strict=True, description="opacity of the mask colours")] = 0.5,
         format: Literal["png", "jpeg"] = "png",
     ) -> Annotated[Path, ContentType("image/*")]:
         """The image (as 8-bit RGB) with the mask's classes blended in colour; class 0 stays uncoloured."""
@@ -187,13 +193,14 @@ class Segmentation:
             palette=self.predictor.palette, in_channels=info.in_channels, normalize=info.normalize.model_dump(),
             stride=info.stride, tile_size=self.predictor.tile, overlap=self.predictor.overlap, version=info.version,
             provider=self.predictor.provider, device=self.predictor.device,
-            limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "tile": [MIN_TILE, s.max_tile],
+            limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
+                    "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, s.max_tile],
                     "overlap": [0.0, MAX_OVERLAP], "timeout": s.timeout, "concurrency": s.concurrency},
         )  # fmt: skip
 
     def _predict(self, path: Path, tile: int | None, overlap: float | None, tta: bool) -> tuple[np.ndarray, Prediction]:
         """(image, prediction) for an uploaded file, with this request's tiling."""
-        image = read_upload(path, self.settings.max_pixels, self.predictor.info.in_channels)
+        image = read_upload(path, self.settings, self.predictor.info.in_channels)
         predictor = self.predictor
         if tile is not None or overlap is not None or tta:
             predictor = copy.copy(predictor)  # shares the ONNX Runtime session
@@ -212,19 +219,27 @@ Segmentation.add_asgi_middleware(
 )
 
 
-def read_upload(path: Path, max_pixels: int, model_channels: int) -> np.ndarray:
-    """The uploaded image as an array; its size and channels are checked from the header before decoding."""
+def read_upload(path: Path, limits: Settings, model_channels: int) -> np.ndarray:
+    """The uploaded image as an array; its size, channels and decoded bytes are checked from the header first."""
     data = path.read_bytes()
-    height, width, channels = header_shape(data)
-    if height * width > max_pixels:
-        raise TooLarge(f"image of {width} x {height} pixels is over the limit of {max_pixels} pixels")
+    height, width, channels, per_pixel = header_shape(data)
+    size = f"image of {width} x {height} pixels"
+    if max(height, width) > limits.max_side:
+        raise TooLarge(f"{size} has a side over the limit of {limits.max_side} pixels (SEG_MAX_SIDE)")
+    if height * width > limits.max_pixels:
+        raise TooLarge(f"{size} is over the limit of {limits.max_pixels} pixels (SEG_MAX_PIXELS)")
+    if height * width * per_pixel > limits.max_decode_bytes:
+        raise TooLarge(
+            f"{size} at {per_pixel} bytes per pixel decodes to {height * width * per_pixel} bytes, over the "
+            f"limit of {limits.max_decode_bytes} bytes (SEG_MAX_DECODE_BYTES)"
+        )
     if channels > 4 and channels != model_channels:  # e.g. a stack of many pages: refuse before decoding
         raise ImageError(f"image has {channels} channels; the model takes {model_channels}")
     return imageio.decode_image(data, "image")
 
 
-def header_shape(data: bytes) -> tuple[int, int, int]:
-    """(height, width, channels) from an image file's header, without decoding pixels.
+def header_shape(data: bytes) -> tuple[int, int, int, int]:
+    """(height, width, channels, bytes per pixel once decoded) from an image file's header, without decoding.
 
     TIFF layouts by `seg.imageio.tiff_layout`, as `seg.imageio.decode_image` reads them.
     """
@@ -235,22 +250,47 @@ def header_shape(data: bytes) -> tuple[int, int, int]:
 
         try:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                shape, axes = tuple(tif.series[0].shape), tif.series[0].axes
+                if not tif.series:
+                    raise ImageError("image: TIFF file without an image")
+                shape, axes, dtype = tuple(tif.series[0].shape), tif.series[0].axes, np.dtype(tif.series[0].dtype)
+        except ImageError:
+            raise
         except Exception as err:  # tifffile raises many types for broken files
-            raise ImageError(f"image: cannot read TIFF ({err})") from None
+            raise ImageError(f"image: cannot read TIFF{reason(err)}") from None
         try:
-            return imageio.tiff_layout(shape, axes).image_shape
+            height, width, channels = imageio.tiff_layout(shape, axes).image_shape
         except ImageError as err:
             raise ImageError(f"image: {err}") from None
+        return height, width, channels, channels * dtype.itemsize
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=imageio.PIL_FORMATS) as im:
-                return im.height, im.width, len(im.getbands())
-    except Image.DecompressionBombError as err:
-        raise TooLarge(f"image: {err}") from None
+                return im.height, im.width, len(im.getbands()), pixel_bytes(im.mode)
+    except Image.DecompressionBombError:
+        raise TooLarge(f"image is over the limit of {Image.MAX_IMAGE_PIXELS} pixels (SEG_MAX_PIXELS)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"image: {imageio.unsupported_format(data)}") from None
     except Exception as err:  # Pillow raises many types for broken headers
-        raise ImageError(f"image: not a readable image ({err})") from None
+        raise ImageError(f"image: not a readable image{reason(err)}") from None
+
+
+def pixel_bytes(mode: str) -> int:
+    """Bytes per pixel of a Pillow image of `mode` once decoded by seg.imageio (palette and LA become RGB(A))."""
+    if mode in ("P", "PA", "LA"):
+        return 4
+    described = ImageMode.getmode(mode)
+    return len(described.bands) * np.dtype(described.typestr).itemsize
+
+
+def reason(err: Exception) -> str:
+    """' (message)' of a decoder's error when it reads as plain words, else '' (no reprs, paths or addresses)."""
+    text = str(err).strip()
+    if not text or type(err) in (IndexError, KeyError, TypeError, AttributeError) or any(
+        mark in text for mark in ("<", ">", "0x", "/", "\\", "\n")
+    ):
+        return ""
+    return f" ({text[:200]})"
 
 
 def timing(result: Prediction) -> dict[str, str]:

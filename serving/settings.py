@@ -7,6 +7,8 @@
 | SEG_API_KEY | (none) | when set, model endpoints need `Authorization: Bearer KEY` |
 | SEG_MAX_BYTES | 134217728 | largest request body (128 MiB); larger ones get 413 |
 | SEG_MAX_PIXELS | 100000000 | largest image (width x height, read from the header); larger ones get 413 |
+| SEG_MAX_SIDE | 65536 | longest image side (width or height, read from the header); longer ones get 413 |
+| SEG_MAX_DECODE_BYTES | 536870912 | largest decoded image (512 MiB): width x height x channels x bytes per sample, from the header; larger ones get 413 |
 | SEG_MAX_TILE | 1024 | largest tile side a request may ask for |
 | SEG_TIMEOUT | 300 | seconds per request; then 504 |
 | SEG_CONCURRENCY | 32 | requests admitted at once per service; more get 429 (admitted ones queue for the model) |
@@ -33,6 +35,8 @@ class Settings:
     api_key: str | None = None
     max_bytes: int = 128 << 20
     max_pixels: int = 100_000_000
+    max_side: int = 65536
+    max_decode_bytes: int = 512 << 20  # 100 MP of 8-bit RGBA fit, 100 MP of 16-bit RGB(A) do not
     max_tile: int = 1024
     timeout: float = 300.0
     concurrency: int = 32
@@ -60,6 +64,8 @@ class Settings:
             api_key=env.get("SEG_API_KEY") or None,
             max_bytes=number("SEG_MAX_BYTES", int, cls.max_bytes, 1),
             max_pixels=number("SEG_MAX_PIXELS", int, cls.max_pixels, 1),
+            max_side=number("SEG_MAX_SIDE", int, cls.max_side, 1),
+            max_decode_bytes=number("SEG_MAX_DECODE_BYTES", int, cls.max_decode_bytes, 1),
             max_tile=number("SEG_MAX_TILE", int, cls.max_tile, MIN_TILE),
             timeout=number("SEG_TIMEOUT", float, cls.timeout, 0.1),
             concurrency=number("SEG_CONCURRENCY", int, cls.concurrency, 1),
