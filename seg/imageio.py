@@ -116,7 +116,12 @@ def exif_orientation(path: str | Path) -> int:
     there is none."""
     try:
         with open(path, "rb") as f:
-            block = _jpeg_exif(f) if f.read(2) == b"\xff\xd8" else _png_exif(f)
+            head = f.read(8)
+            if head[:2] == b"\xff\xd8":
+                f.seek(2)
+                block = _jpeg_exif(f)
+            else:
+                block = _png_exif(f) if head == b"\x89PNG\r\n\x1a\n" else None
         if block is None:
             return 1
         exif = Image.Exif()
@@ -144,7 +149,6 @@ def _jpeg_exif(f) -> bytes | None:
 
 
 def _png_exif(f) -> bytes | None:
-    f.seek(8)
     while True:
         head = f.read(8)
         if len(head) < 8:

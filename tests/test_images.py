@@ -101,6 +101,7 @@ def test_training_turns_image_and_mask_alike(tmp_path):
 
     assert image.shape[:2] == target.shape == (300, 200)
     assert np.array_equal(target, orient(labels, 6))
+    assert image_size(tmp_path / "mask.png") == (300, 200)  # from the PNG's eXIf chunk, not decoded
 
 
 # -- TIFF photometric interpretation --------------------------------------------------------------------
