@@ -11,7 +11,12 @@ header before any pixel is decoded. Client errors answer a JSON body {"error": "
     413  body over SEG_MAX_BYTES, image over SEG_MAX_PIXELS, SEG_MAX_SIDE or SEG_MAX_DECODE_BYTES
     415  a Content-Type the route does not take (never reaches BentoML, which unpickles some)
     429  more than SEG_CONCURRENCY requests at once (BentoML)
+    503  the server was told to stop (SIGTERM, SIGINT) while the request ran
     504  not answered within SEG_TIMEOUT seconds (BentoML)
+
+A prediction checks between tile batches whether its request is past its deadline (SEG_TIMEOUT seconds
+after it arrived) or the server is stopping, and if so it stops there: the worker is free for the next
+request, and a stopped server exits within seconds.
 
 This module imports bentoml, numpy, PIL and (through seg.predictor) onnxruntime; never torch.
 """
@@ -20,11 +25,16 @@ from __future__ import annotations
 
 import base64
 import copy
+import contextvars
 import functools
 import io
+import signal
+import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Iterator, Literal
 
 import bentoml
 import numpy as np
@@ -35,7 +45,7 @@ from starlette.responses import JSONResponse, Response
 
 from seg import imageio
 from seg.errors import ImageError, SegError
-from seg.predictor import Prediction, Predictor
+from seg.predictor import ArraySource, Prediction, Predictor, band_writer
 from serving.gate import Gate
 from serving.settings import MIN_TILE, Settings
 
@@ -43,6 +53,9 @@ SETTINGS = Settings.from_env()
 if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
     raise SegError(f"{SETTINGS.model}: no such ONNX model; set SEG_MODEL to a model written by `seg export`")
 MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
+BAND_PIXELS = 1 << 20  # pixels of an overlay made at a time
+STOPPING = threading.Event()  # set by SIGTERM or SIGINT: running predictions stop at their next tile batch
+DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # of the request, set by Deadline
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
 # strict, as the schema says: 64.0 for a tile, 0 for tta or true for a fraction are refused, not converted
@@ -57,6 +70,17 @@ TTA = Annotated[bool, Field(strict=True, description="average over flips (4 runs
 
 class TooLarge(SegError):
     """An image with more pixels than the server takes."""
+
+
+class TimedOut(SegError):
+    """A request past its deadline."""
+
+
+class ShuttingDown(SegError):
+    """A request still running when the server was told to stop."""
+
+
+STATUS = {TooLarge: 413, ShuttingDown: 503, TimedOut: 504}  # any other SegError: 400
 
 
 class ClassCount(BaseModel):
@@ -100,14 +124,14 @@ class ModelDescription(BaseModel):
 
 
 def client_errors(endpoint):
-    """The one place where errors become responses: TooLarge 413, any other SegError 400, as JSON."""
+    """The one place where errors become responses: by `STATUS`, any other SegError 400, as JSON."""
 
     @functools.wraps(endpoint)
     def answer(*args, **kwargs):
         try:
             return endpoint(*args, **kwargs)
         except SegError as err:
-            return JSONResponse({"error": str(err)}, status_code=413 if isinstance(err, TooLarge) else 400)
+            return JSONResponse({"error": str(err)}, status_code=STATUS.get(type(err), 400))
 
     return answer
 
@@ -124,6 +148,7 @@ class Segmentation:
         self.settings = SETTINGS
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # sizes are checked from the header first
         self.predictor = Predictor(self.settings.model, device=self.settings.device)
+        stop_on_signals()
 
     @bentoml.api(route="/segment")
     @client_errors
@@ -131,7 +156,7 @@ class Segmentation:
         self, image: ImageFile, tile: Tile | None = None, overlap: Overlap | None = None, tta: TTA = False
     ) -> Annotated[Path, ContentType("image/png")]:
         """The label mask: a palette PNG of the image's width and height, pixel value = class index."""
-        _, result = self._predict(image, tile, overlap, tta)
+        _, result = self._predict(image, tile, overlap, tta, request_check(self.settings.timeout))
         png = png_bytes(imageio.mask_image(result.mask, self.predictor.palette))
         return Response(png, media_type="image/png", headers=timing(result))
 
@@ -146,7 +171,7 @@ class Segmentation:
         mask: Literal["png", "rle", "none"] = "png",
     ) -> SegmentResult:
         """Pixels and fraction per class, image size, model name, time, and the mask (PNG base64 or RLE)."""
-        _, result = self._predict(image, tile, overlap, tta)
+        _, result = self._predict(image, tile, overlap, tta, request_check(self.settings.timeout))
         labels = result.mask
         counts = result.pixels_per_class(self.predictor.class_names)
         classes = [
@@ -178,11 +203,11 @@ class Segmentation:
         format: Literal["png", "jpeg"] = "png",
     ) -> Annotated[Path, ContentType("image/*")]:
         """The image (as 8-bit RGB) with the mask's classes blended in colour; class 0 stays uncoloured."""
-        pixels, result = self._predict(image, tile, overlap, tta)
-        picture = Image.fromarray(imageio.overlay(pixels, result.mask, self.predictor.palette, alpha))
-        buffer = io.BytesIO()
-        picture.save(buffer, format=format.upper(), **({"quality": 90} if format == "jpeg" else {}))
-        return Response(buffer.getvalue(), media_type=f"image/{format}", headers=timing(result))
+        check = request_check(self.settings.timeout)
+        pixels, result = self._predict(image, tile, overlap, tta, check)
+        bands = overlay_bands(pixels, result.mask, self.predictor.palette, alpha, check)
+        data = encode_bands(bands, *result.mask.shape, format)
+        return Response(data, media_type=f"image/{format}", headers=timing(result))
 
     @bentoml.api(route="/info")
     def info(self) -> ModelDescription:
@@ -198,8 +223,11 @@ class Segmentation:
                     "overlap": [0.0, MAX_OVERLAP], "timeout": s.timeout, "concurrency": s.concurrency},
         )  # fmt: skip
 
-    def _predict(self, path: Path, tile: int | None, overlap: float | None, tta: bool) -> tuple[np.ndarray, Prediction]:
-        """(image, prediction) for an uploaded file, with this request's tiling."""
+    def _predict(
+        self, path: Path, tile: int | None, overlap: float | None, tta: bool, check: Callable[[], None]
+    ) -> tuple[np.ndarray, Prediction]:
+        """(image, prediction) for an uploaded file, with this request's tiling; `check` runs between tile batches."""
+        check()  # a request that waited for the model may be past its deadline already
         image = read_upload(path, self.settings, self.predictor.info.in_channels)
         predictor = self.predictor
         if tile is not None or overlap is not None or tta:
@@ -207,9 +235,26 @@ class Segmentation:
             predictor.tile = tile or predictor.tile
             predictor.overlap = predictor.overlap if overlap is None else overlap
             predictor.tta = tta
-        return image, predictor.predict(image)
+        return image, predictor.predict(image, check=check)
 
 
+class Deadline:
+    """ASGI middleware: sets DEADLINE on a request's arrival, `timeout` seconds later, when BentoML answers 504.
+
+    Each request runs in its own task, so in its own context, which the endpoint's thread inherits.
+    """
+
+    def __init__(self, app, timeout: float):
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            DEADLINE.set(time.monotonic() + self.timeout)
+        await self.app(scope, receive, send)
+
+
+Segmentation.add_asgi_middleware(Deadline, timeout=SETTINGS.timeout)  # outside Gate: upload time counts
 Segmentation.add_asgi_middleware(
     Gate,
     routes=[method.route for method in Segmentation.apis.values()],
@@ -291,6 +336,68 @@ def reason(err: Exception) -> str:
     ):
         return ""
     return f" ({text[:200]})"
+
+
+def request_check(timeout: float) -> Callable[[], None]:
+    """The current request's `check` for the predictor: raises ShuttingDown once the server is stopping and
+    TimedOut past the request's DEADLINE."""
+    deadline = DEADLINE.get(None) or time.monotonic() + timeout
+
+    def check() -> None:
+        if STOPPING.is_set():
+            raise ShuttingDown("the server is shutting down; send the request again")
+        if time.monotonic() > deadline:
+            raise TimedOut(f"not answered within {timeout:g} seconds")
+
+    return check
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGINT set STOPPING, then call the handler already installed (uvicorn's, which lets
+    running requests finish before the worker exits: they now stop at their next tile batch)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+        if not callable(previous):  # no server's handler to hand on to
+            continue
+
+        def handler(signum, frame, previous=previous) -> None:
+            STOPPING.set()
+            previous(signum, frame)
+
+        signal.signal(number, handler)
+
+
+def overlay_bands(
+    image: np.ndarray, mask: np.ndarray, palette: list, alpha: float, check: Callable[[], None]
+) -> Iterator[np.ndarray]:
+    """The overlay as 8-bit RGB row bands of about BAND_PIXELS pixels, every band stretched by one display
+    range (from the same sample as `Predictor.predict_file`'s), so that no whole-image copy is made."""
+    shown = imageio.display_range(ArraySource(image).sample())
+    rows = max(1, BAND_PIXELS // mask.shape[1])
+    for y in range(0, mask.shape[0], rows):
+        check()
+        rgb = imageio.to_display_rgb(image[y : y + rows], shown)
+        yield imageio.overlay(rgb, mask[y : y + rows], palette, alpha)
+
+
+def encode_bands(bands: Iterator[np.ndarray], height: int, width: int, format: str) -> bytes:
+    """A PNG encoded as the bands come (through a temporary file), or a JPEG (Pillow holds the whole picture)."""
+    if format == "png":
+        with tempfile.TemporaryDirectory(prefix="seg-overlay-") as folder:
+            path = Path(folder) / "overlay.png"
+            with band_writer(path, height, width, np.uint8, 3) as writer:
+                for band in bands:
+                    writer.write(band)
+            return path.read_bytes()
+    picture, y = Image.new("RGB", (width, height)), 0
+    for band in bands:
+        picture.paste(Image.fromarray(band), (0, y))
+        y += band.shape[0]
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def timing(result: Prediction) -> dict[str, str]:
