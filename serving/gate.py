@@ -11,9 +11,9 @@ its endpoints read parameters from a JSON or multipart body only. For the routes
   body without Content-Length (chunked) as soon as it passes the limit; the application receives the
   body in one piece, never more than the limit;
 - on the upload routes, turns a raw body (any accepted Content-Type but multipart/form-data) into a
-  multipart form: the body is the file field `image`, the query parameters
-  become the other fields. So `curl --data-binary @a.png 'HOST/segment?tile=512'` is the same request
-  as `curl -F image=@a.png -F tile=512 HOST/segment`;
+  multipart form: the body is the file field `image`, the query parameters become the other fields. So
+  `curl --data-binary @a.png 'HOST/segment?tile=512'` is the same request as
+  `curl -F image=@a.png -F tile=512 HOST/segment`;
 - on the upload routes, answers 400 for a multipart body that does not parse or lacks exactly one file
   field `image` (BentoML answers 500 to a malformed form, and fetches a URL given as text in a file field);
 - rewrites BentoML's own error answers (a `detail` list of pydantic errors, or a JSON list) as
