@@ -8,11 +8,17 @@
    (the `Server-Timing: predict;dur=...` header), as a fraction of the latter.
 2. Load: `--requests` requests from `--clients` concurrent clients (one keep-alive connection each):
    throughput, latency percentiles (queueing included) and errors (anything but 200).
+3. Soak (`--soak SECONDS`, instead of 1 and 2): `--clients` clients send good and bad requests
+   interleaved for that long (the tests' bad uploads, thin images, oversized bodies, pickle content
+   types, mutated files from tests/mutants.py), each answer checked against the status its kind must get.
+   Counts 5xx, hangs (no answer in 120 s) and other wrong answers, and compares the server's RSS (its
+   whole process tree) at the end with its RSS after the first tenth of the run (the warm-up).
 
 The server is `seg serve` in a subprocess on 127.0.0.1. Without --model: the bundled model, else an
 untrained model of the default config's architecture (same compute as the trained one).
 
     python bench/service.py [--model m.onnx] [--repeats 7] [--requests 1000] [--clients 8] [--load-size 512]
+    python bench/service.py --soak 600 --clients 8
 """
 
 from __future__ import annotations
@@ -70,11 +76,11 @@ def images() -> dict[str, bytes]:
     return out
 
 
-def start_server(model: Path, device: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, device: str, log: Path, **env: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SEG_")}, "SEG_DEVICE": device}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SEG_")}, "SEG_DEVICE": device, **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "seg.cli", "serve", str(model), "--port", str(port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -157,6 +163,111 @@ def load(url: str, data: bytes, requests: int, clients: int) -> dict:
     return {"wall": wall, "rps": requests / wall, "p50": p50, "p95": p95, "p99": p99, "errors": errors}
 
 
+SOAK_MAX_BYTES = 8 << 20  # the soak's server limit, so an oversized body costs 9 MB, not 129 MB
+
+
+def soak_requests() -> list[tuple[str, str, dict, bytes, range]]:
+    """(kind, route, headers, body, statuses it must get): good and bad requests, mutants last."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import struct
+    import zlib
+
+    from mutants import mutants
+
+    def png(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    em = read_image(SAMPLES / "isbi_test_00.png")
+    good = png(em)
+    strip = np.concatenate([em[y : y + 1] for y in range(0, 512, 4)], axis=1)[:, :60000]  # real pixels, in SEG_MAX_SIDE
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"\0" * 60001 * 4)) + chunk(b"IEND", b"")
+    raw = {"content-type": "image/png"}
+    ok, client_error = range(200, 201), range(400, 500)
+    requests = [
+        ("good /segment", "/segment", raw, good, ok),
+        ("good /segment_json", "/segment_json?mask=rle", raw, good, ok),
+        ("good /overlay", "/overlay", raw, good, ok),
+        ("thin 1 x 60000", "/segment", raw, png(strip), ok),
+        ("thin 60000 x 1", "/segment", raw, png(np.ascontiguousarray(strip.T)), ok),
+        ("not an image", "/segment", raw, b"hello, this is text" * 10, client_error),
+        ("empty", "/segment", raw, b"", client_error),
+        ("truncated PNG", "/segment", raw, good[: len(good) // 2], client_error),
+        ("60000 x 60000 bomb", "/segment", raw, bomb, range(413, 414)),
+        ("JSON body", "/segment", {"content-type": "application/json"}, b'{"image": "x"}', client_error),
+        ("pickle", "/segment", {"content-type": "application/vnd.bentoml+pickle"}, b"\x80\x04N.", range(415, 416)),
+        ("oversized body", "/segment", raw, b"\0" * (SOAK_MAX_BYTES + (1 << 20)), range(413, 414)),
+    ]
+    for name, data in mutants(40, seed=1):
+        requests.append((f"mutant {name}", "/segment", {"content-type": "application/octet-stream"}, data, range(200, 500)))
+    return requests
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of a process and all its descendants (Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        child = int(status.parent.name)
+        children.setdefault(int(fields.get("PPid", "0")), []).append(child)
+        rss[child] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def soak(url: str, pid: int, seconds: float, clients: int) -> dict:
+    """Every client cycles through `soak_requests()` from its own offset until `seconds` have passed."""
+    requests = soak_requests()
+    counts: dict[str, int] = {"requests": 0, "5xx": 0, "hangs": 0, "wrong": 0}
+    problems: list[str] = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+    warm: dict[str, float] = {}
+
+    def client_loop(offset: int) -> None:
+        i = offset
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while time.monotonic() < end:
+                kind, route, headers, body, expected = requests[i % len(requests)]
+                i += 1
+                try:
+                    status = client.post(route, content=body, headers=headers).status_code
+                    problem = None if status in expected else f"{kind}: {status}"
+                    key = "5xx" if status >= 500 else "wrong"
+                except httpx.TimeoutException:
+                    problem, key = f"{kind}: no answer in 120 s", "hangs"
+                except httpx.TransportError as err:  # the server closed an oversized upload early
+                    problem = None if kind == "oversized body" else f"{kind}: {type(err).__name__}"
+                    key = "wrong"
+                with lock:
+                    counts["requests"] += 1
+                    if problem:
+                        counts[key] += 1
+                        problems.append(problem)
+
+    threads = [threading.Thread(target=client_loop, args=(k * len(requests) // clients,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 10)
+    warm["rss"] = tree_rss(pid)
+    for t in threads:
+        t.join()
+    return {**counts, "rss_warm": warm["rss"], "rss_end": tree_rss(pid), "problems": problems}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="ONNX model (default: the bundled one, else an untrained one)")
@@ -165,7 +276,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--load-size", choices=["512x512", "2048x2048"], default="512x512")
+    parser.add_argument("--soak", type=float, default=0, help="seconds of the soak (instead of latency and load)")
     args = parser.parse_args()
+    if args.soak:
+        return main_soak(args)
 
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
         model = args.model or (BUNDLED_MODEL if BUNDLED_MODEL.is_file() else untrained_model(Path(tmp)))
@@ -194,6 +308,24 @@ def main() -> None:
           f"| {result['p99'] * 1000:.0f} ms | {len(result['errors'])} |")  # fmt: skip
     for problem in sorted(set(result["errors"]))[:5]:
         print(f"  error: {problem}")
+
+
+def main_soak(args: argparse.Namespace) -> None:
+    model = args.model or BUNDLED_MODEL
+    with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
+        proc, url = start_server(model, args.device, Path(tmp) / "server.log", SEG_MAX_BYTES=str(SOAK_MAX_BYTES))
+        try:
+            result = soak(url, proc.pid, args.soak, args.clients)
+        finally:
+            stop_server(proc)
+    growth = result["rss_end"] / result["rss_warm"] - 1
+    print(f"\nsoak: {args.soak:.0f} s, {args.clients} clients, model {model.name}\n")
+    print("| requests | 5xx | hangs | other wrong answers | RSS after warm-up | RSS at the end | growth |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {result['requests']} | {result['5xx']} | {result['hangs']} | {result['wrong']} "
+          f"| {result['rss_warm'] / 2**20:.0f} MB | {result['rss_end'] / 2**20:.0f} MB | {100 * growth:+.1f}% |")  # fmt: skip
+    for problem in sorted(set(result["problems"]))[:20]:
+        print(f"  {problem}")
 
 
 if __name__ == "__main__":
