@@ -32,7 +32,7 @@ COPY pyproject.toml README.md ./
 # 340 MB), installed before the code so that code changes keep this layer.
 # hadolint ignore=DL3013
 RUN /opt/seg/bin/python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('onnxruntime')))" > /tmp/requirements.txt \
- && /opt/seg/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt "onnxruntime${CUDA_VERSION:+-gpu}>=1.20"
+ && /opt/seg/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt "onnxruntime${CUDA_VERSION:+-gpu}>=1.27"
 COPY seg ./seg
 COPY training ./training
 COPY serving ./serving

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+# tifffile logs an error for each broken tag of a corrupt file; seg reports the file's error itself.
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. "Corrupt EXIF data"
 # Imported by train, eval, export and models only; `pip install seg` leaves them out.
 TRAIN_MODULES = {"torch", "torchvision", "segmentation_models_pytorch", "albumentations", "monai", "onnx", "matplotlib"}
 

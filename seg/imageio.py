@@ -13,6 +13,7 @@ import math
 import os
 import struct
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,9 @@ def unsupported_format(source: str | Path | bytes) -> str:
     elif name is None and len(head) > 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
         name = "PNM"
     if name is None:
-        return "not a PNG, JPEG, BMP or TIFF image"
+        known = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP"}
+        seen = next((fmt for magic, fmt in known.items() if head.startswith(magic)), None)
+        return f"cannot read this {seen} file (its header is corrupt)" if seen else "not a PNG, JPEG, BMP or TIFF image"
     return f"unsupported format {name}; use PNG, JPEG, BMP or TIFF"
 
 
@@ -125,7 +128,9 @@ def exif_orientation(path: str | Path) -> int:
         if block is None:
             return 1
         exif = Image.Exif()
-        exif.load(block)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exif.load(block)
         orientation = int(exif.get(0x0112, 1))
     except (OSError, ValueError, SyntaxError, struct.error):  # an unreadable block: as if there were none
         return 1
@@ -172,7 +177,9 @@ def orient(image: np.ndarray, orientation: int) -> np.ndarray:
 def exif_transpose(im: Image.Image) -> None:
     """Turn a loaded image in place as its EXIF orientation says; unreadable EXIF is left alone."""
     try:
-        ImageOps.exif_transpose(im, in_place=True)
+        with warnings.catch_warnings():  # and warns of corrupt ones
+            warnings.simplefilter("ignore")
+            ImageOps.exif_transpose(im, in_place=True)
     except Exception:  # Pillow raises many types for malformed EXIF blocks; the pixels are still good
         pass
 
@@ -212,13 +219,30 @@ def _read_tiff_file(file: Any, name: str, colours: bool = True) -> np.ndarray:
             if layout.slices > 1:
                 raise ImageError(stack_message(layout))
             convert = tiff_colours(series.keyframe, layout.channels) if colours else _stored_values
+            check_tiff_chunks(series.keyframe)
             data = series.asarray()
+            if data.shape != tuple(series.shape):
+                raise ImageError("cannot read TIFF (its pixel data does not fit its header)")
     except ImageError as err:
         raise ImageError(f"{name}: {err}") from None
     except Exception as err:  # tifffile raises many types for broken files
         raise ImageError(f"{name}: cannot read TIFF ({err})") from None
     arr = convert(layout.to_image(data[layout.index(0, 0, layout.height)]))
     return arr[..., 0] if arr.shape[2] == 1 else arr
+
+
+def check_tiff_chunks(page: Any) -> None:
+    """ImageError unless a TIFF page lists every strip or tile its size calls for (tifffile would read the
+    missing ones as zeros: a corrupt header would give a wrong, or a huge, image)."""
+    try:
+        needed = math.prod(page.chunked)
+    except Exception:  # tifffile, on zero or missing strip and tile sizes
+        raise ImageError("cannot read TIFF (its strip or tile size is corrupt)") from None
+    if len(page.dataoffsets) < needed:
+        raise ImageError(
+            f"its header says {page.imagewidth} x {page.imagelength} pixels in {needed} strips or tiles, but it "
+            f"lists {len(page.dataoffsets)} (a corrupt or truncated file)"
+        )
 
 
 def stack_message(layout: "TiffLayout") -> str:

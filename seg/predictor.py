@@ -35,8 +35,8 @@ import numpy as np
 
 from seg.errors import ImageError, SegError
 from seg.imageio import (
-    PIL_FORMATS, TIFF_SUFFIXES, atomic_path, default_palette, display_range, exif_orientation, is_tiff, orient,
-    overlay, read_image, stack_message, tiff_colours, tiff_layout, to_channels, to_display_rgb,
+    PIL_FORMATS, TIFF_SUFFIXES, atomic_path, check_tiff_chunks, default_palette, display_range, exif_orientation,
+    is_tiff, orient, overlay, read_image, stack_message, tiff_colours, tiff_layout, to_channels, to_display_rgb,
 )  # fmt: skip
 from seg.preprocess import intensity_range, normalize
 from seg.runtime import ModelInfo, create_session, describe_provider, read_model_info
@@ -491,6 +491,7 @@ class TiffSource(ImageSource):
         try:
             self.layout = tiff_layout(shape, series.axes)
             self._convert = tiff_colours(page, self.layout.channels)
+            check_tiff_chunks(page)
         except ImageError as err:
             self.tif.close()
             raise ImageError(f"{path}: {err}") from None
@@ -658,6 +659,7 @@ def _read_whole(path: Path) -> np.ndarray:
             return read_image(path)
     except Image.DecompressionBombError:
         pass
+    _check_plausible_size(path)
     import imagecodecs
 
     try:
@@ -667,6 +669,46 @@ def _read_whole(path: Path) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 2:  # grey + alpha
         image = image[..., :1]
     return orient(image, exif_orientation(path))  # as Pillow's path turns it
+
+
+# The most pixels one byte of a file can hold: deflate expands at most 1032:1 (x 8 pixels for 1-bit PNG);
+# a JPEG spends at least 2 bits on each 8 x 8 block; BMP (RLE8) about 128:1.
+PIXELS_PER_BYTE = {"png": 8 * 1032, "jpeg": 256, "bmp": 128}
+
+
+def _check_plausible_size(path: Path) -> None:
+    """ImageError when the header claims more pixels than the file's bytes can hold (a corrupt header
+    would otherwise have a huge image allocated and predicted)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    kind, size = _header_size(head)
+    if size is None:
+        return
+    nbytes = os.path.getsize(path)
+    if size[0] * size[1] > PIXELS_PER_BYTE[kind] * nbytes:
+        raise ImageError(
+            f"{path}: its header says {size[1]} x {size[0]} pixels, more than its {nbytes} bytes can hold "
+            "(a corrupt or truncated file)"
+        )
+
+
+def _header_size(head: bytes) -> tuple[str, tuple[int, int] | None]:
+    """(format, (height, width)) from the first bytes of a PNG, JPEG or BMP; (format, None) when unknown."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png", _png_size(head)
+    if head[:2] == b"BM" and len(head) >= 26:
+        width, height = struct.unpack("<ii", head[18:26])
+        return "bmp", (abs(height), abs(width))
+    if head[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(head) and head[i] == 0xFF:
+            marker = head[i + 1]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+                height, width = struct.unpack(">HH", head[i + 5 : i + 9])
+                return "jpeg", (height, width)
+            i += 2 + struct.unpack(">H", head[i + 2 : i + 4])[0]
+        return "jpeg", None
+    return "", None
 
 
 # ---------------------------------------------------------------------------------------------------
