@@ -49,6 +49,7 @@ ERRORS = {
     413: "body or image over the server's limits",
     415: "a Content-Type the route does not take",
     429: "too many requests at once",
+    503: "the server is shutting down; send the request again",
     504: "not answered in time",
 }
 

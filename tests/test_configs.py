@@ -93,7 +93,8 @@ def test_16bit_multichannel_tiff_with_percentile_normalisation(tmp_path):
         mask[10 + i : 40 + i, 20:60] = 1
         image = rng.normal(1000, 50, (2, 80, 96))  # two channels, channel-first as microscopes write them
         image[:, mask == 1] += 3000
-        tifffile.imwrite(root / "images" / f"cell{i}.tif", image.clip(0, 65535).astype(np.uint16))
+        tifffile.imwrite(root / "images" / f"cell{i}.tif", image.clip(0, 65535).astype(np.uint16), imagej=True,
+                         metadata={"axes": "CYX"})  # fmt: skip
         tifffile.imwrite(root / "masks" / f"cell{i}.tif", mask)
     cfg_path = ROOT / "configs" / "custom_folder.yaml"
     overrides = [f"data.root={root}", "data.in_channels=2", "data.normalize.mean=[0.5,0.5]",
