@@ -491,7 +491,7 @@ def test_published_schema_documents_the_errors_and_raw_bodies(server):
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     for path in ("/segment", "/segment_json", "/overlay", "/info"):
         responses = spec["paths"][path]["post"]["responses"]
-        assert {"200", "400", "401", "413", "415", "429", "504"} == set(responses), path
+        assert {"200", "400", "401", "413", "415", "429", "503", "504"} == set(responses), path
         assert responses["415"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     body = spec["paths"]["/segment"]["post"]["requestBody"]
     assert body["required"] and {"multipart/form-data", "image/png", "image/tiff"} <= set(body["content"])
