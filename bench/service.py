@@ -283,7 +283,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
         model = args.model or (BUNDLED_MODEL if BUNDLED_MODEL.is_file() else untrained_model(Path(tmp)))
-        predictor = Predictor(model, device=args.device)
+        predictor = Predictor.from_onnx(model, device=args.device)
         pngs = images()
         proc, url = start_server(model, args.device, Path(tmp) / "server.log")
         try:

@@ -135,15 +135,17 @@ def _bundled_checkpoint() -> Path | None:
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k != "encoder_weights"}
-    same = kwargs == info.extra.get("model_kwargs") and ckpt.get("epoch") == info.extra.get("epoch")
+    same = kwargs == info.model_kwargs and ckpt.get("epoch") == info.epoch
     return path if same else None
 
 
 # -- children: one measurement each --------------------------------------------------------------------
 def child_ours(a: argparse.Namespace) -> dict[str, Any]:
     from seg.predictor import Predictor
+    from seg.tiling import TilingOptions
 
-    predictor = Predictor(a.model, device="cpu", threads=a.threads, tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
+    options = TilingOptions(tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
+    predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options)
     base = peak_rss_mb()
     start = time.perf_counter()
     done = [0]
@@ -160,26 +162,28 @@ def child_ours(a: argparse.Namespace) -> dict[str, Any]:
 
 def child_bare(a: argparse.Namespace) -> dict[str, Any]:
     """ONNX Runtime alone on exactly the tiles our predictor runs: same count, shapes and batches."""
-    from seg.predictor import Predictor, TiffSource
-    from seg.tiling import tile_grid
+    from seg.predictor import Predictor
+    from seg.sources import TiffSource
+    from seg.tiling import TilingOptions, tile_grid
 
-    predictor = Predictor(a.model, device="cpu", threads=a.threads, tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
+    options = TilingOptions(tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
+    predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options)
     with TiffSource(Path(a.image)) as source:
         height, width = source.height, source.width
-    grid = tile_grid(height, width, predictor.tile, predictor.overlap, predictor.info.stride)
-    channels, n_x = predictor.info.in_channels, len(grid["starts_x"])
+    grid = tile_grid(height, width, options.tile, options.overlap, predictor.info.stride)
+    channels, n_x = predictor.info.in_channels, len(grid.starts_x)
     rng = np.random.default_rng(0)
     batches = {}
     seconds = 0.0
-    for _ in grid["starts_y"]:
-        for b in range(0, n_x, predictor.batch_size):
-            n = min(predictor.batch_size, n_x - b)
+    for _ in grid.starts_y:
+        for b in range(0, n_x, options.batch_size):
+            n = min(options.batch_size, n_x - b)
             if n not in batches:
-                batches[n] = rng.standard_normal((n, channels, grid["tile_y"], grid["tile_x"]), dtype=np.float32)
+                batches[n] = rng.standard_normal((n, channels, grid.tile_y, grid.tile_x), dtype=np.float32)
             start = time.perf_counter()
             predictor.run(batches[n])
             seconds += time.perf_counter() - start
-    return {"seconds": seconds, "pixels": height * width, "tiles": grid["tiles"], "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "pixels": height * width, "tiles": grid.tiles, "peak_rss_mb": peak_rss_mb()}
 
 
 def _torch_model(a: argparse.Namespace):
@@ -196,7 +200,7 @@ def _torch_model(a: argparse.Namespace):
     from seg.models import build_model  # the bundled ONNX file's architecture, untrained: same speed
 
     info = read_model_info(create_session(a.model, "cpu")[0])
-    return build_model(**info.extra["model_kwargs"]).eval(), info
+    return build_model(**info.model_kwargs).eval(), info
 
 
 def _load_normalised(a: argparse.Namespace, info) -> np.ndarray:
@@ -445,7 +449,7 @@ def print_tables(results: dict[str, Any]) -> None:
             if "stopped_after_s" in ours:
                 from seg.tiling import tile_grid
 
-                total = tile_grid(row["size"], row["size"], row["tile"], row["overlap"], 32)["tiles"]
+                total = tile_grid(row["size"], row["size"], row["tile"], row["overlap"], 32).tiles
                 ours_t = f"stopped after {ours['stopped_after_s']} s, {ours['tiles_done']}/{total} tiles done"
             if "estimate_gb" in monai:
                 monai_rss, monai_t = f"not run: ≥ {monai['estimate_gb']:.1f} GB estimated (whole-image tensors)", "-"

@@ -148,12 +148,14 @@ def predict(
 ):
     """Segment images by tiles with an ONNX model (default: $SEG_MODEL, else the bundled one)."""
     from seg.batch import run_batch, split_model
+    from seg.predictor import Predictor
 
     model, items = split_model(inputs)
+    predictor = Predictor.from_onnx(model, device=device, threads=threads)
+    options = predictor.info.tiling(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
     summary = run_batch(
-        model, items, out, tile=tile, overlap=overlap, batch_size=batch_size, device=device, threads=threads,
-        tta=tta, overlay=overlay, probabilities=probabilities, confidence=confidence, fmt=fmt, force=force,
-        console=err,
+        predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
+        fmt=fmt, force=force, console=err,
     )
     err.print(
         f"{summary['ok']} predicted, {summary['skipped']} skipped, {summary['failed']} failed"
@@ -183,7 +185,7 @@ def serve(
         raise SegError(f"{path}: no bundled model yet; pass one: seg serve model.onnx (see `seg export`)")
     if workers < 1:
         raise SegError(f"--workers {workers}: must be at least 1")
-    Predictor(path, device="cpu")  # a missing or foreign file fails here, with one line, not in every worker
+    Predictor.from_onnx(path, device="cpu")  # a missing or foreign file fails here, with one line, not in every worker
     env = {**os.environ, "SEG_MODEL": str(path), "SEG_WORKERS": str(workers), "BENTOML_DO_NOT_TRACK": "True"}
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Segmentation", "--host", host,

@@ -12,8 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from seg.errors import ConfigError
+from seg.errors import ConfigError, SegError
 from seg.preprocess import Normalization
+from seg.tiling import TilingOptions
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -114,9 +115,19 @@ class TrainConfig(Section):
 
 class OutputConfig(Section):
     dir: Path = Path("runs/run")
-    tile_size: int = Field(512, ge=32)
-    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    tile_size: int = 512
+    overlap: float = 0.25
     overlays: int = Field(4, ge=0)
+
+    @field_validator("tile_size", "overlap")
+    @classmethod
+    def _tiling(cls, value, info):
+        """The limits of every tiling (`seg.tiling.TilingOptions`)."""
+        try:
+            TilingOptions(**{"tile" if info.field_name == "tile_size" else "overlap": value})
+        except SegError as err:
+            raise ValueError(str(err)) from None
+        return value
 
 
 class Config(Section):

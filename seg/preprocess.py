@@ -32,11 +32,17 @@ def dtype_scale(dtype: np.dtype) -> float:
     return 1.0
 
 
+def sample_step(height: int, width: int, max_pixels: int = 4_000_000) -> int:
+    """The row and column step of a percentile sample of about `max_pixels` pixels (every predictor and
+    training take their samples with it, so a checkpoint and its export normalise an image alike)."""
+    return max(1, int(np.ceil(np.sqrt(height * width / max_pixels))))
+
+
 def intensity_range(image: np.ndarray, norm: Normalization, max_samples: int = 4_000_000) -> tuple[float, float]:
     """The (low, high) input values that map to 0 and 1, before mean/std."""
     if norm.mode == "fixed":
         return 0.0, dtype_scale(image.dtype)
-    step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / max_samples)))
+    step = sample_step(image.shape[0], image.shape[1], max_samples)
     sample = np.asarray(image[::step, ::step], dtype=np.float32)
     lo, hi = np.percentile(sample, (norm.low, norm.high))
     return float(lo), float(max(hi, lo + 1e-6))

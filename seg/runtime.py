@@ -1,24 +1,25 @@
-"""ONNX Runtime sessions and the metadata of seg's ONNX models.
+"""ONNX Runtime sessions of seg's ONNX models: the session, its runner and its `ModelInfo`.
 
 This is the inference path's only contact with the model: it imports onnxruntime and numpy, never torch
 (the serving container ships without it).
 
     session, provider = create_session("model.onnx", device="auto", threads=None)
     info = read_model_info(session, "model.onnx")
+    run = onnx_runner(session)
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from seg.errors import SegError
-from seg.preprocess import Normalization
+from seg.modelinfo import ModelInfo
 
 DEVICES = ("auto", "cpu", "cuda")
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "model.onnx"
@@ -31,59 +32,22 @@ def default_model() -> Path:
     return Path(os.environ.get("SEG_MODEL") or BUNDLED_MODEL)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a predictor needs to know about an exported model (metadata key "seg" of the ONNX file)."""
-
-    name: str
-    arch: str
-    encoder: str
-    classes: list[str]
-    palette: list[list[int]]
-    in_channels: int
-    normalize: Normalization
-    stride: int = 32
-    tile_size: int = 512
-    overlap: float = 0.25
-    version: str = ""
-    ignore_index: int = 255
-    fp16: bool = False
-    input_name: str = "image"
-    output_name: str = "logits"
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> "ModelInfo":
-        """From the "seg" JSON object written by `training.export`."""
-        known = {
-            "name", "arch", "encoder", "classes", "palette", "in_channels", "stride", "tile_size", "overlap",
-            "version", "ignore_index", "fp16",
-        }  # fmt: skip
-        values = {k: meta[k] for k in known if k in meta}
-        values["normalize"] = Normalization(**meta.get("normalize", {}))
-        values["input_name"] = meta.get("input", "image")
-        values["output_name"] = meta.get("output", "logits")
-        values["extra"] = {k: v for k, v in meta.items() if k not in known | {"normalize", "input", "output"}}
-        return cls(**values)
-
-
 def read_model_info(session: Any, path: str | Path = "model") -> ModelInfo:
     """The ModelInfo of a session's model; SegError when the file was not written by `seg export`."""
-    custom = session.get_modelmeta().custom_metadata_map
-    if "seg" not in custom:
-        raise SegError(f"{path}: this ONNX file has no seg metadata; export it with `seg export`")
-    try:
-        meta = json.loads(custom["seg"])
-        info = ModelInfo.from_metadata(meta)
-    except (ValueError, TypeError, KeyError) as err:
-        raise SegError(f"{path}: unreadable seg metadata ({err})") from None
-    if info.in_channels < 1 or len(info.classes) < 1 or info.stride < 1:
-        raise SegError(f"{path}: inconsistent seg metadata (channels, classes or stride)")
-    return info
+    return ModelInfo.from_onnx_props(session.get_modelmeta().custom_metadata_map, str(path))
+
+
+def onnx_runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The session as a predictor's runner: (N, C, h, w) float32 -> (N, K, h, w) float32 logits."""
+    model_input = session.get_inputs()[0]
+    input_name, output_name = model_input.name, session.get_outputs()[0].name
+    dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        (logits,) = session.run([output_name], {input_name: batch.astype(dtype, copy=False)})
+        return logits.astype(np.float32, copy=False)
+
+    return run
 
 
 def cuda_usable() -> bool:

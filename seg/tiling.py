@@ -14,12 +14,79 @@ them.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from dataclasses import dataclass, replace
+from numbers import Integral, Real
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from seg.errors import SegError
+
 RowReader = Callable[[int, int], np.ndarray]
 Runner = Callable[[np.ndarray], np.ndarray]
+MIN_TILE = 32  # the smallest tile side anyone may ask for (a model's stride is at most this)
+MAX_TILE = 8192  # the largest (the service narrows it with SEG_MAX_TILE)
+MAX_BATCH = 256
+BLENDS = ("gaussian", "constant")
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How an image is cut into tiles and put together again; checked once, when made.
+
+    Attributes:
+        tile: tile side in pixels (rounded up to the model's stride; see `tile_grid` for thin images).
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        batch_size: tiles per model call.
+        tta: average the probabilities over horizontal and vertical flips (4 runs per tile).
+        blend: "gaussian" (no seams) or "constant" (plain average).
+    """
+
+    tile: int = 512
+    overlap: float = 0.25
+    batch_size: int = 4
+    tta: bool = False
+    blend: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not _whole(self.tile) or not MIN_TILE <= self.tile <= MAX_TILE:
+            raise SegError(f"tile {self.tile}: must be a whole number in {MIN_TILE}..{MAX_TILE}")
+        if not isinstance(self.overlap, Real) or isinstance(self.overlap, bool) or not 0.0 <= self.overlap < 1.0:
+            raise SegError(f"overlap {self.overlap}: must be in [0, 1)")
+        if not _whole(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH:
+            raise SegError(f"batch size {self.batch_size}: must be a whole number in 1..{MAX_BATCH}")
+        if self.blend not in BLENDS:
+            raise SegError(f"blend {self.blend!r}: choose {' or '.join(BLENDS)}")
+        for key, kind in (("tile", int), ("overlap", float), ("batch_size", int), ("tta", bool)):
+            object.__setattr__(self, key, kind(getattr(self, key)))
+
+    def replace(self, **changes: Any) -> "TilingOptions":
+        """A copy with the changes given (None keeps a value), checked again."""
+        return replace(self, **{key: value for key, value in changes.items() if value is not None})
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The geometry of a tiling (see `tile_grid`): per axis y and x, the reflected margin, the tile side,
+    the canvas (image plus margins) and the tile origins on the canvas."""
+
+    margin: int
+    margin_y: int
+    margin_x: int
+    tile_y: int
+    tile_x: int
+    canvas_y: int
+    canvas_x: int
+    starts_y: list[int]
+    starts_x: list[int]
+
+    @property
+    def tiles(self) -> int:
+        return len(self.starts_y) * len(self.starts_x)
 
 
 def tile_starts(length: int, tile: int, step: int) -> list[int]:
@@ -85,7 +152,7 @@ def flip_tta(run: Runner) -> Runner:
     return run_tta
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int) -> dict:
+def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int) -> TileGrid:
     """The geometry of a tiling: tile size, margin, canvas size and tile origins, per axis.
 
     A side shorter than a tile gets one tile of its padded length (a reflected margin of at most its own
@@ -97,7 +164,7 @@ def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int)
     tile = round_up(max(tile, multiple), multiple)
     step = max(multiple, int(round(tile * (1.0 - overlap))))
     margin = (tile - step) // 2
-    grid: dict = {"margin": margin}
+    grid: dict = {"margin": margin}  # the fields of the TileGrid
     lengths = {"y": height, "x": width}
     margins = {axis: min(margin, length) for axis, length in lengths.items()}
     sizes = {axis: min(tile, round_up(n + 2 * margins[axis], multiple)) for axis, n in lengths.items()}
@@ -112,8 +179,7 @@ def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int)
         grid[f"tile_{axis}"] = size
         grid[f"canvas_{axis}"] = canvas
         grid[f"starts_{axis}"] = tile_starts(canvas, size, max(multiple, size - (tile - step)))
-    grid["tiles"] = len(grid["starts_y"]) * len(grid["starts_x"])
-    return grid
+    return TileGrid(**grid)
 
 
 def predict_tiled(
@@ -121,12 +187,8 @@ def predict_tiled(
     height: int,
     width: int,
     run: Runner,
-    tile: int = 512,
-    overlap: float = 0.25,
-    batch_size: int = 4,
+    options: TilingOptions = TilingOptions(),
     multiple: int = 32,
-    tta: bool = False,
-    blend: str = "gaussian",
     on_tiles: Callable[[int], None] | None = None,
     check: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -135,12 +197,8 @@ def predict_tiled(
     Args:
         read_rows: returns normalised rows [y0, y1) of the image, (C, rows, width) float32.
         run: the model, NCHW float32 -> (N, K, h, w) logits; h, w are multiples of `multiple`.
-        tile: tile side in pixels (rounded up to `multiple`; see `tile_grid` for small and thin images).
-        overlap: fraction of a tile shared with its neighbour, in [0, 1).
-        batch_size: tiles per call of `run`.
+        options: tile side, overlap, tiles per call of `run`, flips, blending (see `TilingOptions`).
         multiple: the model's stride; every tile side is a multiple of it.
-        tta: average over flips.
-        blend: "gaussian" (no seams) or "constant" (plain average).
         on_tiles: called with the number of tiles just finished (for progress bars).
         check: called before each batch of tiles; it may raise to stop the prediction (a deadline, a
             shutdown).
@@ -148,13 +206,14 @@ def predict_tiled(
     Yields:
         (y0, probabilities of shape (K, rows, width)) for finished rows, top to bottom.
     """
-    grid = tile_grid(height, width, tile, overlap, multiple)
-    th, tw = grid["tile_y"], grid["tile_x"]
-    my, mx = grid["margin_y"], grid["margin_x"]
-    ys, xs = grid["starts_y"], grid["starts_x"]
-    weights = blend_weights(th, tw, blend)
-    predict = flip_tta(run) if tta else (lambda batch: softmax(run(batch)))
-    cols = reflect_index(np.arange(grid["canvas_x"]) - mx, width)
+    grid = tile_grid(height, width, options.tile, options.overlap, multiple)
+    th, tw = grid.tile_y, grid.tile_x
+    my, mx = grid.margin_y, grid.margin_x
+    ys, xs = grid.starts_y, grid.starts_x
+    weights = blend_weights(th, tw, options.blend)
+    predict = flip_tta(run) if options.tta else (lambda batch: softmax(run(batch)))
+    cols = reflect_index(np.arange(grid.canvas_x) - mx, width)
+    batch_size = options.batch_size
 
     # Narrow images have fewer tiles per row than a batch: their batches take several tile rows.
     group = max(1, -(-batch_size // len(xs)))
@@ -208,10 +267,3 @@ def _take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
     if index[-1] - first == len(index) - 1 and (len(index) < 3 or np.all(np.diff(index) == 1)):
         return array[(slice(None),) * axis + (slice(first, first + len(index)),)]
     return np.take(array, index, axis=axis)
-
-
-def predict_array(image: np.ndarray, run: Runner, **options) -> np.ndarray:
-    """Tiled prediction of a whole normalised (C, H, W) array; returns (K, H, W) probabilities."""
-    _, height, width = image.shape
-    bands = predict_tiled(lambda y0, y1: image[:, y0:y1], height, width, run, **options)
-    return np.concatenate([probs for _, probs in bands], axis=1)

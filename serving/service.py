@@ -24,30 +24,33 @@ This module imports bentoml, numpy, PIL and (through seg.predictor) onnxruntime;
 from __future__ import annotations
 
 import base64
-import copy
 import contextvars
+import dataclasses
 import functools
 import io
 import signal
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Iterator, Literal
 
 import bentoml
 import numpy as np
 from bentoml.validators import ContentType
-from PIL import Image, ImageMode, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
 from seg import imageio
 from seg.errors import ImageError, SegError
-from seg.predictor import ArraySource, Prediction, Predictor, band_writer
+from seg.modelinfo import ModelInfo
+from seg.predictor import Prediction, Predictor
+from seg.sources import ArraySource, header_shape
+from seg.tiling import MAX_TILE, MIN_TILE
+from seg.writers import band_writer
 from serving.gate import Gate
-from serving.settings import MIN_TILE, Settings
+from serving.settings import Settings
 
 SETTINGS = Settings.from_env()
 if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
@@ -59,8 +62,9 @@ DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # 
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
 # strict, as the schema says: 64.0 for a tile, 0 for tta or true for a fraction are refused, not converted
+MAX_REQUEST_TILE = min(SETTINGS.max_tile, MAX_TILE)  # SEG_MAX_TILE narrows the limits of TilingOptions
 Tile = Annotated[
-    int, Field(ge=MIN_TILE, le=SETTINGS.max_tile, strict=True, description="tile side (default: the model's)")
+    int, Field(ge=MIN_TILE, le=MAX_REQUEST_TILE, strict=True, description="tile side (default: the model's)")
 ]
 Overlap = Annotated[
     float, Field(ge=0.0, le=MAX_OVERLAP, strict=True, description="tile overlap fraction (default: the model's)")
@@ -106,18 +110,9 @@ class SegmentResult(BaseModel):
     mask: Mask
 
 
-class ModelDescription(BaseModel):
-    name: str
-    arch: str
-    encoder: str
-    classes: list[str]
-    palette: list[list[int]]
-    in_channels: int
-    normalize: dict
-    stride: int
-    tile_size: int
-    overlap: float
-    version: str
+class ServiceInfo(ModelInfo):
+    """/info: the model's `ModelInfo`, what runs it, and the server's limits."""
+
     provider: str
     device: str
     limits: dict
@@ -147,7 +142,7 @@ class Segmentation:
     def __init__(self) -> None:
         self.settings = SETTINGS
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # sizes are checked from the header first
-        self.predictor = Predictor(self.settings.model, device=self.settings.device)
+        self.predictor = Predictor.from_onnx(self.settings.model, device=self.settings.device)
         stop_on_signals()
 
     @bentoml.api(route="/segment")
@@ -157,7 +152,7 @@ class Segmentation:
     ) -> Annotated[Path, ContentType("image/png")]:
         """The label mask: a palette PNG of the image's width and height, pixel value = class index."""
         _, result = self._predict(image, tile, overlap, tta, request_check(self.settings.timeout))
-        png = png_bytes(imageio.mask_image(result.mask, self.predictor.palette))
+        png = png_bytes(imageio.mask_image(result.mask, self.predictor.info.palette))
         return Response(png, media_type="image/png", headers=timing(result))
 
     @bentoml.api(route="/segment_json")
@@ -173,13 +168,13 @@ class Segmentation:
         """Pixels and fraction per class, image size, model name, time, and the mask (PNG base64 or RLE)."""
         _, result = self._predict(image, tile, overlap, tta, request_check(self.settings.timeout))
         labels = result.mask
-        counts = result.pixels_per_class(self.predictor.class_names)
+        counts = result.pixels_per_class(self.predictor.info.classes)
         classes = [
             ClassCount(index=i, name=name, pixels=n, fraction=n / labels.size)
             for i, (name, n) in enumerate(counts.items())
         ]
         if mask == "png":
-            png = png_bytes(imageio.mask_image(labels, self.predictor.palette))
+            png = png_bytes(imageio.mask_image(labels, self.predictor.info.palette))
             encoded = Mask(encoding="png", data=base64.b64encode(png).decode())
         elif mask == "rle":
             values, lengths = run_lengths(labels)
@@ -205,21 +200,18 @@ class Segmentation:
         """The image (as 8-bit RGB) with the mask's classes blended in colour; class 0 stays uncoloured."""
         check = request_check(self.settings.timeout)
         pixels, result = self._predict(image, tile, overlap, tta, check)
-        bands = overlay_bands(pixels, result.mask, self.predictor.palette, alpha, check)
+        bands = overlay_bands(pixels, result.mask, self.predictor.info.palette, alpha, check)
         data = encode_bands(bands, *result.mask.shape, format)
         return Response(data, media_type=f"image/{format}", headers=timing(result))
 
     @bentoml.api(route="/info")
-    def info(self) -> ModelDescription:
+    def info(self) -> ServiceInfo:
         """The loaded model's metadata, the execution provider in use and the server's limits."""
-        info, s = self.predictor.info, self.settings
-        return ModelDescription(
-            name=info.name, arch=info.arch, encoder=info.encoder, classes=self.predictor.class_names,
-            palette=self.predictor.palette, in_channels=info.in_channels, normalize=info.normalize.model_dump(),
-            stride=info.stride, tile_size=self.predictor.tile, overlap=self.predictor.overlap, version=info.version,
-            provider=self.predictor.provider, device=self.predictor.device,
+        s = self.settings
+        return ServiceInfo(
+            **dict(self.predictor.info), provider=self.predictor.provider, device=self.predictor.device,
             limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
-                    "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, s.max_tile],
+                    "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
                     "overlap": [0.0, MAX_OVERLAP], "timeout": s.timeout, "concurrency": s.concurrency},
         )  # fmt: skip
 
@@ -229,13 +221,8 @@ class Segmentation:
         """(image, prediction) for an uploaded file, with this request's tiling; `check` runs between tile batches."""
         check()  # a request that waited for the model may be past its deadline already
         image = read_upload(path, self.settings, self.predictor.info.in_channels)
-        predictor = self.predictor
-        if tile is not None or overlap is not None or tta:
-            predictor = copy.copy(predictor)  # shares the ONNX Runtime session
-            predictor.tile = tile or predictor.tile
-            predictor.overlap = predictor.overlap if overlap is None else overlap
-            predictor.tta = tta
-        return image, predictor.predict(image, check=check)
+        options = self.predictor.options.replace(tile=tile, overlap=overlap, tta=tta)  # checked by the schema too
+        return image, self.predictor.predict(image, options, check=check)
 
 
 class Deadline:
@@ -267,7 +254,10 @@ Segmentation.add_asgi_middleware(
 def read_upload(path: Path, limits: Settings, model_channels: int) -> np.ndarray:
     """The uploaded image as an array; its size, channels and decoded bytes are checked from the header first."""
     data = path.read_bytes()
-    height, width, channels, per_pixel = header_shape(data)
+    try:
+        height, width, channels, per_pixel = dataclasses.astuple(header_shape(data))
+    except Image.DecompressionBombError:
+        raise TooLarge(f"image is over the limit of {Image.MAX_IMAGE_PIXELS} pixels (SEG_MAX_PIXELS)") from None
     size = f"image of {width} x {height} pixels"
     if max(height, width) > limits.max_side:
         raise TooLarge(f"{size} has a side over the limit of {limits.max_side} pixels (SEG_MAX_SIDE)")
@@ -281,61 +271,6 @@ def read_upload(path: Path, limits: Settings, model_channels: int) -> np.ndarray
     if channels > 4 and channels != model_channels:  # e.g. a stack of many pages: refuse before decoding
         raise ImageError(f"image has {channels} channels; the model takes {model_channels}")
     return imageio.decode_image(data, "image")
-
-
-def header_shape(data: bytes) -> tuple[int, int, int, int]:
-    """(height, width, channels, bytes per pixel once decoded) from an image file's header, without decoding.
-
-    TIFF layouts by `seg.imageio.tiff_layout`, as `seg.imageio.decode_image` reads them.
-    """
-    if not data:
-        raise ImageError("image: empty file")
-    if data[:4] in imageio.TIFF_MAGIC:
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                if not tif.series:
-                    raise ImageError("image: TIFF file without an image")
-                shape, axes, dtype = tuple(tif.series[0].shape), tif.series[0].axes, np.dtype(tif.series[0].dtype)
-        except ImageError:
-            raise
-        except Exception as err:  # tifffile raises many types for broken files
-            raise ImageError(f"image: cannot read TIFF{reason(err)}") from None
-        try:
-            height, width, channels = imageio.tiff_layout(shape, axes).image_shape
-        except ImageError as err:
-            raise ImageError(f"image: {err}") from None
-        return height, width, channels, channels * dtype.itemsize
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=imageio.PIL_FORMATS) as im:
-                return im.height, im.width, len(im.getbands()), pixel_bytes(im.mode)
-    except Image.DecompressionBombError:
-        raise TooLarge(f"image is over the limit of {Image.MAX_IMAGE_PIXELS} pixels (SEG_MAX_PIXELS)") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"image: {imageio.unsupported_format(data)}") from None
-    except Exception as err:  # Pillow raises many types for broken headers
-        raise ImageError(f"image: not a readable image{reason(err)}") from None
-
-
-def pixel_bytes(mode: str) -> int:
-    """Bytes per pixel of a Pillow image of `mode` once decoded by seg.imageio (palette and LA become RGB(A))."""
-    if mode in ("P", "PA", "LA"):
-        return 4
-    described = ImageMode.getmode(mode)
-    return len(described.bands) * np.dtype(described.typestr).itemsize
-
-
-def reason(err: Exception) -> str:
-    """' (message)' of a decoder's error when it reads as plain words, else '' (no reprs, paths or addresses)."""
-    text = str(err).strip()
-    if not text or type(err) in (IndexError, KeyError, TypeError, AttributeError) or any(
-        mark in text for mark in ("<", ">", "0x", "/", "\\", "\n")
-    ):
-        return ""
-    return f" ({text[:200]})"
 
 
 def request_check(timeout: float) -> Callable[[], None]:

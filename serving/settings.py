@@ -24,8 +24,7 @@ from typing import Mapping
 
 from seg.errors import SegError
 from seg.runtime import BUNDLED_MODEL
-
-MIN_TILE = 64
+from seg.tiling import MIN_TILE
 
 
 @dataclass(frozen=True)

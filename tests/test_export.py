@@ -126,3 +126,70 @@ def test_eval_of_the_exported_model_matches_its_checkpoint(unet_checkpoint, unet
     assert onnx_conf.sum() == torch_conf.sum() == 3 * 512 * 512
     assert onnx_conf.diagonal().sum() > 0 and np.all(onnx_conf.sum(0) > 0)  # both classes predicted
     assert np.abs(onnx_conf - torch_conf).sum() <= 2e-4 * onnx_conf.sum()  # float noise on class borders
+
+
+def test_eval_of_a_percentile_model_over_4_megapixels_matches_its_checkpoint(tmp_path):
+    """Percentile normalisation samples a large image: PyTorch and ONNX Runtime must sample it alike (one
+    predictor normalises for both). The image's even rows and columns are darker, so a sample with another
+    step would see other percentiles and give other masks."""
+    import tifffile
+
+    from conftest import build_checkpoint
+
+    from seg.imageio import read_image, read_mask
+
+    ckpt = build_checkpoint(tmp_path / "pct.pt", normalize={"mode": "percentile", "mean": [0.5], "std": [0.25]},
+                            tile_size=512)  # fmt: skip
+    export_onnx(ckpt, tmp_path / "pct.onnx")
+    isbi = ROOT / "data" / "isbi2012" / "train"
+    side = 2100  # 4.41 megapixels: over the 4 MP percentile sample
+    images = [read_image(isbi / "images" / f"{i:02d}.png") for i in range(4)]
+    labels = [read_mask(isbi / "labels" / f"{i:02d}.png") for i in range(4)]
+    big, big_labels = (np.tile(np.block([[a[0], a[1]], [a[2], a[3]]]), (3, 3))[:side, :side] for a in (images, labels))
+    big = big.astype(np.uint16) * 257
+    big[::2, ::2] //= 4
+    for sub, picture, small in (("images", big, images[0]), ("labels", big_labels.astype(np.uint8), labels[0])):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "data" / sub / "big.tif", picture)
+        tifffile.imwrite(tmp_path / "data" / sub / "small.tif", small.astype(np.uint8))
+    confusion = {}
+    for model in (tmp_path / "pct.onnx", ckpt):
+        out = tmp_path / f"{model.suffix[1:]}.json"
+        result = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "data"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        confusion[model.suffix] = np.array(json.loads(out.read_text())["confusion"])
+    onnx_conf, torch_conf = confusion[".onnx"], confusion[".pt"]
+    assert onnx_conf.sum() == side * side + 512 * 512
+    assert np.all(onnx_conf.sum(0) > 0)  # both classes predicted
+    assert np.abs(onnx_conf - torch_conf).sum() <= 2e-4 * onnx_conf.sum()  # float noise on class borders
+
+
+def test_one_model_description_from_checkpoint_to_onnx_and_back(unet_checkpoint, unet_onnx):
+    from seg.modelinfo import ModelInfo
+    from seg.predictor import Predictor
+
+    ckpt = load_checkpoint(unet_checkpoint)
+    info = ModelInfo.from_checkpoint(ckpt, "unet")
+    assert ModelInfo.from_metadata(info.to_metadata()) == info
+    assert ModelInfo.from_checkpoint({**ckpt, **info.to_checkpoint()}, "unet") == info
+    exported = Predictor.from_onnx(unet_onnx, device="cpu").info
+    assert exported.model_dump(exclude={"version", "opset"}) == info.model_dump(exclude={"version", "opset"})
+    assert (exported.num_classes, exported.classes) == (2, ["membrane", "cell"])
+
+
+def test_bundled_model_written_by_an_earlier_export_still_loads():
+    from seg.predictor import Predictor
+    from seg.runtime import BUNDLED_MODEL
+
+    info = Predictor.from_onnx(BUNDLED_MODEL, device="cpu").info
+    assert info.classes == ["membrane", "cell"] and info.in_channels == 1 and info.model_kwargs["arch"] == "unet"
+
+
+def test_a_single_class_name_means_background_and_that_class():
+    """A one-channel (sigmoid) model has two outputs, so two names and colours: `classes` is per output."""
+    from seg.modelinfo import ModelInfo
+
+    info = ModelInfo(classes=["cell"], in_channels=1)
+    assert (info.classes, info.num_classes, len(info.palette)) == (["background", "cell"], 2, 2)
+    with pytest.raises(SegError, match="inconsistent seg metadata"):
+        ModelInfo.from_onnx_props({"seg": json.dumps({"classes": [], "in_channels": 1})}, "m.onnx")

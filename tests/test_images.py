@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 from seg.cli import app
 from seg.errors import ImageError
 from seg.imageio import decode_image, orient, read_image, read_mask, tiff_layout
-from seg.predictor import Predictor, TiffSource, image_size
+from seg.predictor import Predictor
+from seg.sources import TiffSource, image_size
+from seg.tiling import TilingOptions
 
 from conftest import SAMPLES
 
@@ -50,7 +52,7 @@ def test_rotated_phone_jpeg_is_segmented_as_shown(conv_onnx, tmp_path):
     stored = phone_jpeg(tmp_path / "in" / "phone.jpg")
     shown = orient(stored, 6)
     assert shown.shape == (300, 200)  # 300 high, 200 wide
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
 
     assert np.array_equal(read_image(tmp_path / "in" / "phone.jpg"), shown)
     assert np.array_equal(decode_image((tmp_path / "in" / "phone.jpg").read_bytes()), shown)
@@ -78,7 +80,7 @@ def test_every_orientation_as_pillow_turns_it_also_past_the_bomb_limit(conv_onnx
 
         reference = np.asarray(ImageOps.exif_transpose(im).convert("L"))
     assert np.array_equal(orient(stored, orientation), reference)
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     with monkeypatch.context() as patch:
         patch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # decoded by imagecodecs, turned by seg
         predictor.predict_file(tmp_path / "p.jpg", tmp_path / "m.png")
@@ -102,6 +104,25 @@ def test_training_turns_image_and_mask_alike(tmp_path):
     assert image.shape[:2] == target.shape == (300, 200)
     assert np.array_equal(target, orient(labels, 6))
     assert image_size(tmp_path / "mask.png") == (300, 200)  # from the PNG's eXIf chunk, not decoded
+
+
+def test_one_header_reading_for_files_and_uploads(tmp_path):
+    """`seg predict` (files) and the service (uploaded bytes) read sizes from headers by one function."""
+    from seg.sources import HeaderShape, header_shape
+
+    grey16 = (EM[:200, :300].astype(np.uint16) * 257)
+    Image.fromarray(EM[:200, :300]).convert("RGB").save(tmp_path / "a.jpg", quality=90)
+    Image.fromarray(EM[:200, :300]).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", np.stack([grey16] * 3, axis=-1), photometric="rgb")
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([grey16] * 12), metadata={"axes": "ZYX"})
+    expected = {"a.jpg": HeaderShape(200, 300, 3, 3), "a.png": HeaderShape(200, 300, 1, 1),
+                "a.tif": HeaderShape(200, 300, 3, 6), "stack.tif": HeaderShape(200, 300, 1, 2)}  # fmt: skip
+    for name, shape in expected.items():
+        path = tmp_path / name
+        assert header_shape(path) == header_shape(path.read_bytes()) == shape, name
+        assert image_size(path) == (200, 300)
+    with pytest.raises(ImageError, match="upload: empty file"):
+        header_shape(b"", "upload")
 
 
 # -- TIFF photometric interpretation --------------------------------------------------------------------
@@ -174,7 +195,7 @@ def test_tiff_photometric_becomes_what_it_shows(conv_onnx_factory, tmp_path, nam
         assert np.abs(array.astype(np.float32) - expected).mean() <= tolerance, name
 
     channels = 1 if whole.ndim == 2 else whole.shape[2]
-    predictor = Predictor(conv_onnx_factory(in_channels=channels), device="cpu", tile=64)
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=channels), device="cpu", options=TilingOptions(tile=64))
     predictor.predict_file(tmp_path / "in.tif", tmp_path / "mask.tif")
     assert np.array_equal(tifffile.imread(tmp_path / "mask.tif"), predictor.predict(whole).mask)
 
@@ -195,7 +216,7 @@ def test_unsupported_photometric_is_a_clear_error(conv_onnx_factory, tmp_path, n
     for read in (read_image, lambda p: decode_image(p.read_bytes()), TiffSource):
         with pytest.raises(ImageError, match=words):
             read(tmp_path / "in.tif")
-    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu")
     with pytest.raises(ImageError, match=words):
         predictor.predict_file(tmp_path / "in.tif", tmp_path / "mask.png")
     assert not (tmp_path / "mask.png").exists()
@@ -213,7 +234,8 @@ def test_seg_predict_reads_palette_tiffs_as_colours_and_refuses_cielab(conv_onnx
     assert code == 1
     entries = {Path(e["input"]).name: e for e in summary["images"]}
     assert entries["palette.tif"]["status"] == "ok" and entries["palette.tif"]["channels"] == 3
-    assert np.array_equal(read_mask(tmp_path / "out" / "palette.png"), Predictor(model, device="cpu").predict(colours).mask)
+    expected = Predictor.from_onnx(model, device="cpu").predict(colours).mask
+    assert np.array_equal(read_mask(tmp_path / "out" / "palette.png"), expected)
     assert entries["lab.tif"]["status"] == "failed"
     assert "photometric interpretation CIELAB is not supported" in entries["lab.tif"]["error"]
     assert "Traceback" not in output and not (tmp_path / "out" / "lab.png").exists()
@@ -263,7 +285,7 @@ def test_seg_predict_segments_a_stack_slice_by_slice(conv_onnx, tmp_path, writer
         "ome": {"ome": True, "metadata": {"axes": "ZYX"}, "photometric": "minisblack", "tile": (64, 64)},
     }[writer]
     tifffile.imwrite(tmp_path / "in" / "stack.tif", stack, **options)
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     with pytest.raises(ImageError, match="stack of 3 slices.*seg predict"):
         read_image(tmp_path / "in" / "stack.tif")
     with pytest.raises(ImageError, match="stack of 3 slices"):
@@ -311,7 +333,7 @@ def test_channels_said_by_the_file_are_channels(conv_onnx_factory, tmp_path):
     stack = _stack(8).reshape(4, 2, 300, 200)
     tifffile.imwrite(tmp_path / "zc.tif", stack, imagej=True, metadata={"axes": "ZCYX"})
     tifffile.imwrite(tmp_path / "c.tif", stack[1], ome=True, metadata={"axes": "CYX"}, photometric="minisblack")
-    predictor = Predictor(conv_onnx_factory(in_channels=2), device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=2), device="cpu")
 
     predictor.predict_stack(tmp_path / "zc.tif", tmp_path / "zc_mask.tif", probabilities_path=tmp_path / "p.tif")
     masks = tifffile.imread(tmp_path / "zc_mask.tif")
@@ -327,7 +349,7 @@ def test_channels_said_by_the_file_are_channels(conv_onnx_factory, tmp_path):
 
 def test_a_stack_is_read_one_slice_at_a_time(conv_onnx, tmp_path):
     """Peak memory does not grow with the number of slices."""
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     peaks = []
     for slices in (2, 96):
         stack = np.tile(_stack(2, 256, 256), (slices // 2, 1, 1))

@@ -243,9 +243,11 @@ def test_killed_run_leaves_no_half_written_mask(conv_onnx, tmp_path):
 
 def test_progress_bars_on_a_terminal(conv_onnx, tmp_path):
     from seg.batch import run_batch
+    from seg.predictor import Predictor
 
     tifffile.imwrite(tmp_path / "wide.tif", np.zeros((300, 3000), np.uint8))
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=True, width=100)
-    summary = run_batch(conv_onnx, [str(tmp_path / "wide.tif"), str(SAMPLES)], tmp_path / "out", console=console)
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
+    summary = run_batch(predictor, [str(tmp_path / "wide.tif"), str(SAMPLES)], tmp_path / "out", console=console)
     assert summary["ok"] == 4 and "model" in stream.getvalue()

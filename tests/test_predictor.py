@@ -14,9 +14,11 @@ from PIL import Image
 
 from seg.errors import ImageError, SegError
 from seg.imageio import decode_image, overlay, read_image, read_mask, tiff_layout
-from seg.predictor import SAMPLE_PIXELS, ArraySource, Predictor, TiffSource, open_image, output_is_whole
+from seg.predictor import Predictor
 from seg.runtime import cuda_usable
-from seg.tiling import softmax, tile_grid
+from seg.sources import SAMPLE_PIXELS, ArraySource, TiffSource, open_image
+from seg.tiling import TilingOptions, softmax, tile_grid
+from seg.writers import output_is_whole
 
 
 def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -37,8 +39,8 @@ def test_inference_path_does_not_import_torch():
 def test_tiled_mask_is_seamless_on_1024(unet_onnx, em_mosaic):
     """Tiles of 256 with 25% overlap against one pass over the whole 1024x1024 image (both with the same
     reflected border, so only the tiling differs)."""
-    tiled = Predictor(unet_onnx, device="cpu", tile=256, overlap=0.25)
-    margin = tile_grid(1024, 1024, 256, 0.25, 32)["margin"]
+    tiled = Predictor.from_onnx(unet_onnx, device="cpu", options=TilingOptions(tile=256, overlap=0.25))
+    margin = tile_grid(1024, 1024, 256, 0.25, 32).margin
     x = tiled._row_reader(ArraySource(em_mosaic))(0, 1024)
     padded = np.pad(x, ((0, 0), (margin, margin), (margin, margin)), mode="reflect")
     whole = softmax(tiled.run(padded[None]))[0, :, margin:-margin, margin:-margin].argmax(0)
@@ -50,39 +52,48 @@ def test_tiled_mask_is_seamless_on_1024(unet_onnx, em_mosaic):
     assert agreement >= 0.995, agreement
 
 
-def test_matches_the_pytorch_tiled_path(unet_onnx, unet_checkpoint, em_image):
-    import torch
-
-    from seg.preprocess import Normalization, normalize
-    from seg.tiling import predict_array
-    from training.checkpoint import load_checkpoint, model_from_checkpoint, torch_runner
+def test_matches_the_pytorch_predictor(unet_onnx, unet_checkpoint, em_image):
+    from training.torch_runner import checkpoint_predictor
 
     image = em_image[:200, :300]  # 4 tiles: PyTorch eager is slow on the CPU
-    ckpt = load_checkpoint(unet_checkpoint)
-    run = torch_runner(model_from_checkpoint(ckpt), torch.device("cpu"))
-    x = normalize(image[..., None], Normalization(**ckpt["normalize"]))
-    expected = predict_array(x, run, tile=256, overlap=0.25, multiple=32)
+    torch_model = checkpoint_predictor(unet_checkpoint, device="cpu")
+    expected = torch_model.predict(image, probabilities=True).probabilities
 
-    got = Predictor(unet_onnx, device="cpu").predict(image, probabilities=True, confidence=True)
+    onnx_model = Predictor.from_onnx(unet_onnx, device="cpu")
+    got = onnx_model.predict(image, probabilities=True, confidence=True)
 
+    # One description: the checkpoint's and its export's differ only in what the export adds.
+    added = {"version", "opset"}
+    assert torch_model.info.model_dump(exclude=added) == onnx_model.info.model_dump(exclude=added)
+    assert torch_model.options == onnx_model.options
     assert np.abs(got.probabilities - expected).max() < 1e-3
     assert (got.mask == expected.argmax(0)).mean() > 0.999
     np.testing.assert_allclose(got.confidence, got.probabilities.max(0))
     assert got.mask.dtype == np.uint8 and got.seconds > 0
 
 
+def test_any_runner_behind_the_one_predictor(em_image):
+    """`Predictor` takes any function from tiles to logits: a pointwise one gives its per-pixel answer."""
+    from seg.modelinfo import ModelInfo
+
+    info = ModelInfo(classes=["dark", "bright"], in_channels=1, tile_size=128)  # fixed: (v / 255 - 0.5) / 0.25
+    predictor = Predictor(lambda batch: np.concatenate([-batch, batch], axis=1), info)
+    assert predictor.options == TilingOptions(tile=128)
+    assert np.array_equal(predictor.predict(em_image).mask, (em_image >= 128).astype(np.uint8))
+
+
 # -- image kinds ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 1001), (300, 47), (513, 257)])
 def test_any_size_gives_a_mask_of_that_size(conv_onnx, shape):
     image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    result = Predictor(conv_onnx, device="cpu").predict(image, probabilities=True)
+    result = Predictor.from_onnx(conv_onnx, device="cpu").predict(image, probabilities=True)
     assert result.mask.shape == shape
     assert result.probabilities.shape == (2, *shape)
     np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
 
 
 def test_16_bit_and_8_bit_give_the_same_mask(conv_onnx, em_image, tmp_path):
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     tifffile.imwrite(tmp_path / "em16.tif", em_image.astype(np.uint16) * 257)
     eight = predictor.predict(em_image).mask
     predictor.predict_file(tmp_path / "em16.tif", tmp_path / "mask.png")
@@ -90,8 +101,8 @@ def test_16_bit_and_8_bit_give_the_same_mask(conv_onnx, em_image, tmp_path):
 
 
 def test_channels_are_converted_per_metadata(conv_onnx_factory, tmp_path):
-    rgb_model = Predictor(conv_onnx_factory(in_channels=3), device="cpu")
-    grey_model = Predictor(conv_onnx_factory(in_channels=1), device="cpu")
+    rgb_model = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu")
+    grey_model = Predictor.from_onnx(conv_onnx_factory(in_channels=1), device="cpu")
     rgb = _rgb(40, 60)
     rgba = np.concatenate([rgb, np.full((40, 60, 1), 7, np.uint8)], axis=-1)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
@@ -106,7 +117,7 @@ def test_channels_are_converted_per_metadata(conv_onnx_factory, tmp_path):
 
 @pytest.mark.parametrize("planar", [False, True])
 def test_multichannel_tiff(conv_onnx_factory, tmp_path, planar):
-    predictor = Predictor(conv_onnx_factory(in_channels=5, classes=3), device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=5, classes=3), device="cpu")
     image = np.random.default_rng(1).integers(0, 4096, (70, 90, 5), dtype=np.uint16)
     stored = np.moveaxis(image, -1, 0) if planar else image
     planes = {"planarconfig": "separate"} if planar else {}  # one page of 5 planes, not a stack of 5 pages
@@ -116,13 +127,14 @@ def test_multichannel_tiff(conv_onnx_factory, tmp_path, planar):
 
     assert summary["channels"] == 5 and summary["dtype"] == "uint16"
     assert np.array_equal(tifffile.imread(tmp_path / "multi_mask.tif"), predictor.predict(image).mask)
+    rgb_model = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu")
     with pytest.raises(ImageError, match="multi.tif.*5 channels"):
-        Predictor(conv_onnx_factory(in_channels=3), device="cpu").predict_file(tmp_path / "multi.tif", tmp_path / "x.png")
+        rgb_model.predict_file(tmp_path / "multi.tif", tmp_path / "x.png")
 
 
 def test_percentile_normalisation_same_in_memory_and_from_file(conv_onnx_factory, tmp_path):
     norm = {"mode": "percentile", "low": 1.0, "high": 99.0, "mean": [0.5], "std": [0.25]}
-    predictor = Predictor(conv_onnx_factory(normalize=norm), device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx_factory(normalize=norm), device="cpu")
     image = (np.random.default_rng(2).normal(1000, 200, (300, 400))).clip(0, 65535).astype(np.uint16)
     tifffile.imwrite(tmp_path / "p.tif", image, rowsperstrip=32, compression="zlib")
     tifffile.imwrite(tmp_path / "p_plain.tif", image)
@@ -135,7 +147,7 @@ def test_percentile_normalisation_same_in_memory_and_from_file(conv_onnx_factory
 def test_flip_tta_runs_four_flips_per_tile(conv_onnx, em_image):
     calls = {"plain": 0, "tta": 0}
     for mode in calls:
-        predictor = Predictor(conv_onnx, device="cpu", tta=mode == "tta")
+        predictor = Predictor.from_onnx(conv_onnx, device="cpu", options=TilingOptions(tta=mode == "tta"))
         bare = predictor.run
 
         def counting(batch, bare=bare, mode=mode):
@@ -153,7 +165,7 @@ def test_big_striped_tiff_memory_does_not_grow_with_height(conv_onnx_factory, tm
     """27000 rows cost no more memory than 9000 rows of the same width: nothing holds the whole image.
     Both heights are above the percentile sample's cap (SAMPLE_PIXELS), which a smaller image stays under.
     (Correctness of the banded path is checked on every TIFF layout below.)"""
-    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu")
     assert 9000 * 500 > SAMPLE_PIXELS
     peaks = {}
     for height in (9000, 27000):
@@ -180,7 +192,7 @@ def test_big_striped_tiff_memory_does_not_grow_with_height(conv_onnx_factory, tm
     ids=["striped", "tiled", "contiguous", "planar"],
 )
 def test_tiff_layouts_are_read_by_bands(conv_onnx_factory, tmp_path, layout, monkeypatch):
-    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu", tile=128)
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu", options=TilingOptions(tile=128))
     rows_read: list[int] = []
     read = TiffSource.read
     monkeypatch.setattr(TiffSource, "read", lambda self, y0, y1: rows_read.append(y1 - y0) or read(self, y0, y1))
@@ -190,12 +202,12 @@ def test_tiff_layouts_are_read_by_bands(conv_onnx_factory, tmp_path, layout, mon
 
     predictor.predict_file(tmp_path / "in.tif", tmp_path / "mask.tif")
 
-    assert max(rows_read) <= predictor.tile  # never more than one tile row (overlap included) at once
+    assert max(rows_read) <= predictor.options.tile  # never more than one tile row (overlap included) at once
     assert np.array_equal(tifffile.imread(tmp_path / "mask.tif"), predictor.predict(image).mask)
 
 
 def test_written_files_are_tiled_tiffs_and_palette_pngs(conv_onnx, em_image, tmp_path):
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     summary = predictor.predict_file(
         _save_png(em_image, tmp_path / "em.png"),
         tmp_path / "mask.tif", probabilities_path=tmp_path / "p.tif", confidence_path=tmp_path / "c.tif",
@@ -212,7 +224,7 @@ def test_written_files_are_tiled_tiffs_and_palette_pngs(conv_onnx, em_image, tmp
     np.testing.assert_allclose(tifffile.imread(tmp_path / "c.tif"), expected.confidence, atol=1e-6)
     with Image.open(tmp_path / "o.png") as im:
         assert im.mode == "RGB" and im.size == (512, 512)
-    assert summary["pixels_per_class"] == expected.pixels_per_class(predictor.class_names)
+    assert summary["pixels_per_class"] == expected.pixels_per_class(predictor.info.classes)
     assert sum(summary["pixels_per_class"].values()) == 512 * 512
 
     predictor.predict_file(tmp_path / "em.png", tmp_path / "mask.png")
@@ -224,13 +236,13 @@ def test_written_files_are_tiled_tiffs_and_palette_pngs(conv_onnx, em_image, tmp
 def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_factory, tmp_path):
     """The file path stretches every band by one range: the picture equals `seg.imageio.overlay` of the
     whole image (what the service's /overlay and the training report draw)."""
-    predictor = Predictor(conv_onnx_factory(in_channels=3), device="cpu", tile=128)
+    predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu", options=TilingOptions(tile=128))
     image = (_rgb(700, 300).astype(np.uint16) * 200 + 1000).astype(np.uint16)
     alpha = np.full((700, 300, 1), 65535, np.uint16)  # an alpha channel must not widen the range
     tifffile.imwrite(tmp_path / "in.tif", np.concatenate([image, alpha], axis=2), rowsperstrip=64, photometric="rgb",
                      extrasamples=["unassalpha"])  # fmt: skip
     predictor.predict_file(tmp_path / "in.tif", tmp_path / "mask.tif", overlay_path=tmp_path / "o.png")
-    expected = overlay(image, predictor.predict(image).mask, predictor.palette)
+    expected = overlay(image, predictor.predict(image).mask, predictor.info.palette)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected)
 
 
@@ -261,7 +273,7 @@ def _save_png(image: np.ndarray, path):
 
 
 def test_more_than_256_classes_give_16_bit_masks(conv_onnx_factory, tmp_path):
-    predictor = Predictor(conv_onnx_factory(classes=300), device="cpu", tile=64)
+    predictor = Predictor.from_onnx(conv_onnx_factory(classes=300), device="cpu", options=TilingOptions(tile=64))
     image = np.random.default_rng(3).integers(0, 256, (50, 70), dtype=np.uint8)
     expected = predictor.predict(image).mask
     assert expected.dtype == np.uint16
@@ -272,7 +284,7 @@ def test_more_than_256_classes_give_16_bit_masks(conv_onnx_factory, tmp_path):
 
 def test_png_past_pillows_bomb_limit_is_decoded(conv_onnx, em_image, tmp_path, monkeypatch):
     _save_png(em_image, tmp_path / "em.png")
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     with monkeypatch.context() as patch:
         patch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 512 x 512 is now a "bomb" for Pillow
         predictor.predict_file(tmp_path / "em.png", tmp_path / "m.png")
@@ -281,7 +293,7 @@ def test_png_past_pillows_bomb_limit_is_decoded(conv_onnx, em_image, tmp_path, m
 
 # -- errors --------------------------------------------------------------------------------------------
 def test_corrupt_and_truncated_files_are_image_errors_and_leave_nothing(conv_onnx, em_image, tmp_path):
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     (tmp_path / "in").mkdir()
     good = _save_png(em_image, tmp_path / "in" / "good.png").read_bytes()
     (tmp_path / "in" / "cut.png").write_bytes(good[: len(good) // 2])
@@ -298,7 +310,7 @@ def test_corrupt_and_truncated_files_are_image_errors_and_leave_nothing(conv_onn
 
 
 def test_output_is_whole_rejects_partial_files(conv_onnx, em_image, tmp_path):
-    predictor = Predictor(conv_onnx, device="cpu")
+    predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     _save_png(em_image, tmp_path / "em.png")
     for suffix in ("png", "tif"):
         out = tmp_path / f"m.{suffix}"
@@ -311,17 +323,17 @@ def test_output_is_whole_rejects_partial_files(conv_onnx, em_image, tmp_path):
 
 
 def test_device_and_option_errors(conv_onnx, tmp_path):
-    assert Predictor(conv_onnx, device="auto").provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
-    assert Predictor(conv_onnx, device="cpu").device == "cpu"
+    assert Predictor.from_onnx(conv_onnx, device="auto").provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert Predictor.from_onnx(conv_onnx, device="cpu").device == "cpu"
     with pytest.raises(SegError, match="--device"):
-        Predictor(conv_onnx, device="tpu")
+        Predictor.from_onnx(conv_onnx, device="tpu")
     if not cuda_usable():
         with pytest.raises(SegError, match="no CUDA GPU"):
-            Predictor(conv_onnx, device="cuda")
+            Predictor.from_onnx(conv_onnx, device="cuda")
     with pytest.raises(SegError, match="overlap"):
-        Predictor(conv_onnx, overlap=1.0)
+        TilingOptions(overlap=1.0)
     with pytest.raises(SegError, match="no such ONNX model"):
-        Predictor(tmp_path / "none.onnx")
+        Predictor.from_onnx(tmp_path / "none.onnx")
 
 
 def test_onnx_without_seg_metadata_is_refused(conv_onnx, tmp_path):
@@ -331,14 +343,14 @@ def test_onnx_without_seg_metadata_is_refused(conv_onnx, tmp_path):
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "foreign.onnx"))
     with pytest.raises(SegError, match="foreign.onnx.*no seg metadata"):
-        Predictor(tmp_path / "foreign.onnx")
+        Predictor.from_onnx(tmp_path / "foreign.onnx")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(unet_onnx, em_image):
-    gpu = Predictor(unet_onnx, device="cuda")
+    gpu = Predictor.from_onnx(unet_onnx, device="cuda")
     assert gpu.provider == "CUDAExecutionProvider"
     a = gpu.predict(em_image, probabilities=True).probabilities
-    b = Predictor(unet_onnx, device="cpu").predict(em_image, probabilities=True).probabilities
+    b = Predictor.from_onnx(unet_onnx, device="cpu").predict(em_image, probabilities=True).probabilities
     assert np.abs(a - b).max() < 1e-3

@@ -32,6 +32,7 @@ from PIL import Image
 
 from seg.imageio import decode_image, read_image
 from seg.predictor import Predictor
+from seg.tiling import TilingOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -112,7 +113,7 @@ def strict(conv_onnx, tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def local(unet_onnx) -> Predictor:
     """The in-process predictor on the same model as `server`."""
-    return Predictor(unet_onnx, device="cpu")
+    return Predictor.from_onnx(unet_onnx, device="cpu")
 
 
 # -- images ----------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_segment_mask_equals_the_in_process_predictor(server, local, name):
     assert response.headers["server-timing"].startswith("predict;dur=")
     with Image.open(io.BytesIO(response.content)) as im:
         assert im.mode == "P" and im.size == (512, 512)
-        assert im.getpalette()[:6] == [c for rgb in local.palette[:2] for c in rgb]
+        assert im.getpalette()[:6] == [c for rgb in local.info.palette[:2] for c in rgb]
     expected = local.predict(decode_image(data)).mask
     assert 0 < expected.mean() < 1  # both classes occur
     np.testing.assert_array_equal(mask_of(response.content), expected)
@@ -228,7 +229,8 @@ def test_segment_mask_equals_the_in_process_predictor(server, local, name):
 
 def test_raw_body_and_per_request_tiling(server, unet_onnx, em):
     crop = em[:200, :180]
-    expected = Predictor(unet_onnx, device="cpu", tile=128, overlap=0.5, tta=True).predict(crop).mask
+    options = TilingOptions(tile=128, overlap=0.5, tta=True)
+    expected = Predictor.from_onnx(unet_onnx, device="cpu").predict(crop, options).mask
     data = encode(crop, "PNG")
     raw = httpx.post(f"{server.url}/segment?tile=128&overlap=0.5&tta=true", content=data,
                      headers={"content-type": "image/png"}, timeout=120)  # fmt: skip
@@ -250,7 +252,7 @@ def test_bentoml_sync_client(server, local, em_mask, tmp_path):
         runs = result["mask"]
         assert result["classes"][1]["pixels"] == int(expected.sum())
         np.testing.assert_array_equal(np.repeat(runs["values"], runs["counts"]).reshape(512, 512), expected)
-        assert client.info()["classes"] == local.class_names
+        assert client.info()["classes"] == local.info.classes
         with pytest.raises(bentoml.exceptions.BentoMLException) as error:
             client.segment(image=path, tile=1)
         assert error.value.error_code == 400
@@ -281,7 +283,7 @@ def test_segment_json(server, local, em_mask, em_png):
     result = post(server.url, em_png, route="/segment_json").json()
     assert (result["model"], result["width"], result["height"]) == (local.info.name, 512, 512)
     assert result["seconds"] > 0
-    assert [c["name"] for c in result["classes"]] == local.class_names
+    assert [c["name"] for c in result["classes"]] == local.info.classes
     assert [c["pixels"] for c in result["classes"]] == np.bincount(expected.ravel(), minlength=2).tolist()
     assert sum(c["fraction"] for c in result["classes"]) == pytest.approx(1.0)
     assert result["mask"]["encoding"] == "png"
@@ -304,8 +306,8 @@ def test_overlay(server, em, em_mask, em_png):
 
 def test_info(server, local):
     info = httpx.post(server.url + "/info", json={}).json()
-    assert info["name"] == local.info.name and info["classes"] == local.class_names
-    assert info["palette"] == local.palette and info["tile_size"] == local.tile
+    assert info["name"] == local.info.name and info["classes"] == local.info.classes
+    assert info["palette"] == local.info.palette and info["tile_size"] == local.options.tile
     assert info["provider"] == local.provider and info["limits"]["max_pixels"] == MAX_PIXELS
 
 

@@ -177,7 +177,7 @@ def test_overlay_by_bands_is_the_whole_image_overlay(fast, conv_onnx_factory):
     response = httpx.post(fast.url + "/overlay", content=png, headers=RAW_PNG, params={"alpha": 0.3}, timeout=120)
     assert response.status_code == 200, response.text
     mask = np.asarray(Image.open(io.BytesIO(segment(fast.url, png).content)))
-    palette = Predictor(conv_onnx_factory(classes=3), device="cpu").palette
+    palette = Predictor.from_onnx(conv_onnx_factory(classes=3), device="cpu").info.palette
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))), overlay(image, mask, palette, 0.3))
 
 

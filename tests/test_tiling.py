@@ -7,7 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from seg.tiling import predict_tiled, round_up, softmax, tile_grid
+from seg.errors import SegError
+from seg.tiling import MAX_TILE, MIN_TILE, TilingOptions, predict_tiled, round_up, softmax, tile_grid
 
 THIN = [(1, 1_000_000), (1_000_000, 1), (10, 100_000), (100_000, 10), (3, 70_000)]
 
@@ -20,15 +21,15 @@ def pointwise(batch: np.ndarray) -> np.ndarray:
 
 def tile_pixels(height: int, width: int, tile: int = 512, overlap: float = 0.25) -> int:
     grid = tile_grid(height, width, tile, overlap, 32)
-    return grid["tiles"] * grid["tile_y"] * grid["tile_x"]
+    return grid.tiles * grid.tile_y * grid.tile_x
 
 
 @pytest.mark.parametrize("shape", THIN)
 def test_tiles_fit_thin_images(shape):
     height, width = shape
     grid = tile_grid(height, width, 512, 0.25, 32)
-    assert grid["tile_y"] <= round_up(3 * height, 32) and grid["tile_x"] <= round_up(3 * width, 32)
-    assert grid["tile_y"] * grid["tile_x"] <= 512 * 512
+    assert grid.tile_y <= round_up(3 * height, 32) and grid.tile_x <= round_up(3 * width, 32)
+    assert grid.tile_y * grid.tile_x <= 512 * 512
     # Work per padded pixel is no worse than for the square image of the same pixel count.
     side = int(np.sqrt(height * width))
     padded = round_up(height, 32) * round_up(width, 32)
@@ -41,7 +42,8 @@ def test_blend_is_exact_for_any_shape(shape, batch_size):
     rng = np.random.default_rng(0)
     image = rng.random((1, *shape), dtype=np.float32)
     expected = softmax(pointwise(image[None]))[0]
-    bands = list(predict_tiled(lambda y0, y1: image[:, y0:y1], *shape, pointwise, tile=256, batch_size=batch_size))
+    options = TilingOptions(tile=256, batch_size=batch_size)
+    bands = list(predict_tiled(lambda y0, y1: image[:, y0:y1], *shape, pointwise, options))
     assert [y0 for y0, _ in bands] == list(np.cumsum([0] + [p.shape[1] for _, p in bands[:-1]]))
     got = np.concatenate([p for _, p in bands], axis=1)
     assert got.shape == expected.shape
@@ -52,7 +54,7 @@ def traced_peak(height: int, width: int) -> int:
     """Peak numpy memory of a tiled prediction consumed band by band (the image itself excluded)."""
     image = np.zeros((1, height, width), np.float32)
     tracemalloc.start()
-    for _ in predict_tiled(lambda y0, y1: image[:, y0:y1], height, width, pointwise, tile=512):
+    for _ in predict_tiled(lambda y0, y1: image[:, y0:y1], height, width, pointwise, TilingOptions(tile=512)):
         pass
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -78,7 +80,8 @@ def test_check_stops_between_batches():
             raise TimeoutError("deadline")
 
     with pytest.raises(TimeoutError):
-        list(predict_tiled(lambda y0, y1: image[:, y0:y1], 2000, 2000, run, tile=256, batch_size=2, check=check))
+        options = TilingOptions(tile=256, batch_size=2)
+        list(predict_tiled(lambda y0, y1: image[:, y0:y1], 2000, 2000, run, options, check=check))
     assert len(calls) == 2
 
 
@@ -103,3 +106,35 @@ def test_seg_predict_thin_real_images(tmp_path, shape):
     mask = read_mask(tmp_path / "out" / "thin.png")
     assert mask.shape == shape
     assert 0.05 < (mask == 0).mean() < 0.6  # membranes found along the strip, not one class everywhere
+
+
+# -- options -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [({"tile": MIN_TILE - 1}, "tile"), ({"tile": MAX_TILE + 1}, "tile"), ({"tile": 64.0}, "tile"),
+     ({"overlap": 1.0}, "overlap"), ({"overlap": -0.1}, "overlap"), ({"batch_size": 0}, "batch size"),
+     ({"blend": "median"}, "blend")],
+)  # fmt: skip
+def test_options_are_checked_once_with_one_set_of_limits(changes, words):
+    with pytest.raises(SegError, match=words):
+        TilingOptions(**changes)
+    with pytest.raises(SegError, match=words):  # a copy with changes is checked too
+        TilingOptions().replace(**changes)
+
+
+def test_options_replace_keeps_what_is_not_given():
+    options = TilingOptions(tile=256, overlap=0.5, batch_size=2, tta=True)
+    assert options.replace(tile=None, overlap=None) == options
+    assert options.replace(tile=MIN_TILE) == TilingOptions(tile=MIN_TILE, overlap=0.5, batch_size=2, tta=True)
+
+
+def test_config_and_options_share_their_limits(tmp_path):
+    from seg.config import validate_config
+    from seg.errors import ConfigError
+
+    (tmp_path / "data").mkdir()
+    raw = {"data": {"root": str(tmp_path / "data")}, "output": {"tile_size": MIN_TILE}}
+    assert validate_config(raw).output.tile_size == MIN_TILE
+    raw["output"]["tile_size"] = MIN_TILE - 1
+    with pytest.raises(ConfigError, match="output.tile_size"):
+        validate_config(raw)

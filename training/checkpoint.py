@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,27 +11,33 @@ import torch
 from seg.config import Config
 from seg.errors import SegError
 from seg.imageio import atomic_path
+from seg.modelinfo import ModelInfo
 from seg.models import SegModel, build_model
 
 FORMAT = "seg-checkpoint/1"
 
 
-def model_state(model: SegModel, model_kwargs: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """The part of a checkpoint that describes its model: weights, architecture, and what export and
-    prediction need from the config (classes, palette, normalisation, channels, tiling)."""
+def model_info(model: SegModel, model_kwargs: dict[str, Any], cfg: Config, name: str = "model") -> ModelInfo:
+    """The description of a model being trained: its architecture, and what export and prediction need
+    from the config (classes, palette, normalisation, channels, tiling)."""
     data = cfg.data
-    return {
-        "model": model.state_dict(),
-        "model_kwargs": model_kwargs,
-        "stride": model.stride,
-        "classes": list(data.classes),
-        "palette": data.class_palette,
-        "normalize": data.normalize.model_dump(),
-        "in_channels": data.in_channels,
-        "ignore_index": data.ignore_index,
-        "tile_size": cfg.output.tile_size,
-        "overlap": cfg.output.overlap,
-    }
+    return ModelInfo.from_checkpoint(
+        {"model_kwargs": model_kwargs, "stride": model.stride, "classes": data.classes, "palette": data.class_palette,
+         "normalize": data.normalize, "in_channels": data.in_channels, "ignore_index": data.ignore_index,
+         "tile_size": cfg.output.tile_size, "overlap": cfg.output.overlap},
+        name,
+    )  # fmt: skip
+
+
+def model_state(model: SegModel, model_kwargs: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The part of a checkpoint that describes its model: the weights and `model_info`'s keys."""
+    return {"model": model.state_dict(), **model_info(model, model_kwargs, cfg).to_checkpoint()}
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """A model's name from its checkpoint file: the run folder's for RUN/checkpoints/best.pt, else the stem."""
+    path = Path(path)
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -71,19 +77,6 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> SegModel:
     model = build_model(**kwargs)
     model.load_state_dict(ckpt["model"])
     return model.eval()
-
-
-def torch_runner(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> Callable:
-    """The model as a tiled predictor's `run`: NCHW float32 numpy -> logits numpy."""
-
-    @torch.inference_mode()
-    def run(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        return logits.float().cpu().numpy()
-
-    return run
 
 
 def rng_state() -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -14,45 +14,16 @@ from seg.config import DataConfig, load_config
 from seg.data import find_samples, load_pair
 from seg.errors import SegError
 from seg.metrics import ConfusionMatrix
-from seg.preprocess import Normalization, normalize
-from seg.tiling import predict_array
+from seg.predictor import Predictor
 
 
-def _checkpoint_model(path: Path, device: str) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
-    """Model facts and an `image (H, W, C) -> class indices (H, W)` function for a checkpoint."""
-    from training.checkpoint import load_checkpoint, model_from_checkpoint, torch_runner
-    from training.train import pick_device
+def load_predictor(model: Path, device: str = "auto") -> Predictor:
+    """The predictor of an exported model (.onnx, ONNX Runtime) or of a checkpoint or run folder (PyTorch)."""
+    if model.suffix == ".onnx":
+        return Predictor.from_onnx(model, device=device)
+    from training.torch_runner import checkpoint_predictor
 
-    ckpt = load_checkpoint(path)
-    dev = pick_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
-    run = torch_runner(model, dev)
-    norm = Normalization(**ckpt["normalize"])
-    info = {key: ckpt[key] for key in ("classes", "in_channels", "ignore_index")}
-    info["normalize"] = norm
-    info["name"] = ckpt["path"]
-
-    def predict_mask(image: np.ndarray) -> np.ndarray:
-        x = normalize(image, norm)
-        probs = predict_array(x, run, tile=ckpt["tile_size"], overlap=ckpt["overlap"], multiple=ckpt["stride"])
-        return probs.argmax(0)
-
-    return info, predict_mask
-
-
-def _onnx_model(path: Path, device: str) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
-    from seg.predictor import Predictor
-
-    predictor = Predictor(path, device=device)
-    meta = predictor.info
-    info = {
-        "classes": list(meta.classes),
-        "in_channels": meta.in_channels,
-        "ignore_index": meta.ignore_index,
-        "normalize": meta.normalize,
-        "name": str(path),
-    }
-    return info, lambda image: predictor.predict(image).mask
+    return checkpoint_predictor(model, device)
 
 
 def evaluate(model: str | Path, data: str | Path, split: str = "val", device: str = "auto") -> dict[str, Any]:
@@ -60,7 +31,8 @@ def evaluate(model: str | Path, data: str | Path, split: str = "val", device: st
     model, data = Path(model), Path(data)
     if not model.exists():
         raise SegError(f"{model}: no such model, checkpoint or run folder")
-    info, predict_mask = (_onnx_model if model.suffix == ".onnx" else _checkpoint_model)(model, device)
+    predictor = load_predictor(model, device)
+    info = predictor.info
     if data.is_file():
         cfg = load_config(data)
         data_cfg = cfg.data
@@ -68,13 +40,13 @@ def evaluate(model: str | Path, data: str | Path, split: str = "val", device: st
         if split not in ("train", "val"):
             raise SegError(f"--split must be 'train' or 'val', not {split!r}")
         samples = val if split == "val" else train
-        if data_cfg.classes != info["classes"]:
-            raise SegError(f"{data}: classes {data_cfg.classes} differ from the model's {info['classes']}")
+        if data_cfg.classes != info.classes:
+            raise SegError(f"{data}: classes {data_cfg.classes} differ from the model's {info.classes}")
     elif data.is_dir():
         masks = "masks" if (data / "masks").is_dir() else "labels"
         data_cfg = DataConfig(
-            root=data, masks=masks, classes=info["classes"], in_channels=info["in_channels"],
-            ignore_index=info["ignore_index"], normalize=info["normalize"], val_fraction=0.0,
+            root=data, masks=masks, classes=info.classes, in_channels=info.in_channels,
+            ignore_index=info.ignore_index, normalize=info.normalize, val_fraction=0.0,
         )
         samples, _ = find_samples(data_cfg)
     else:
@@ -82,25 +54,25 @@ def evaluate(model: str | Path, data: str | Path, split: str = "val", device: st
     if not samples:
         raise SegError(f"{data}: the {split} split is empty")
 
-    conf = ConfusionMatrix(len(info["classes"]), data_cfg.ignore_index)
+    conf = ConfusionMatrix(info.num_classes, data_cfg.ignore_index)
     per_image = []
     start = time.perf_counter()
     for sample in samples:
         image, mask = load_pair(sample, data_cfg)
-        pred = predict_mask(image)
-        single = ConfusionMatrix(len(info["classes"]), data_cfg.ignore_index)
+        pred = predictor.predict(image, name=str(sample.image)).mask
+        single = ConfusionMatrix(info.num_classes, data_cfg.ignore_index)
         single.update(pred, mask)
         conf.matrix += single.matrix
         m = single.compute()
         per_image.append({"name": sample.name, "miou": m["miou"], "pixel_error": m["pixel_error"]})
     metrics = conf.compute()
     return {
-        "model": info["name"],
+        "model": str(predictor.path),
         "data": str(data),
         "split": split if data.is_file() else "folder",
         "images": len(samples),
         "seconds": round(time.perf_counter() - start, 2),
-        "classes": info["classes"],
+        "classes": info.classes,
         **metrics,
         "confusion": conf.matrix.tolist(),
         "per_image": per_image,

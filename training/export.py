@@ -2,9 +2,9 @@
 
 The file takes `image` (N, C, H, W) float32 with any batch, height and width and returns `logits`
 (N, K, H, W) float32 (the model pads to its stride multiple inside and crops back). Everything a
-predictor needs travels in the file's metadata_props: key "seg" holds one JSON object (read by
-`seg.runtime.read_model_info`), and the same facts appear as readable single keys (arch, encoder,
-classes, ...; lists and mappings JSON-encoded).
+predictor needs travels in the file's metadata_props: key "seg" holds one JSON object, the model's
+`seg.modelinfo.ModelInfo`, and the main facts appear as readable single keys (arch, encoder, classes, ...;
+lists and mappings JSON-encoded).
 
 The file is written atomically, and only after the parity check passed: ONNX Runtime against PyTorch
 on two input sizes (one not a stride multiple), max abs difference of the logits at most
@@ -14,7 +14,6 @@ on two input sizes (one not a stride multiple), max abs difference of the logits
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -26,41 +25,15 @@ import torch
 from seg import __version__
 from seg.errors import SegError
 from seg.imageio import atomic_path
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from seg.modelinfo import ModelInfo
+from training.checkpoint import checkpoint_name, load_checkpoint, model_from_checkpoint
 
-FORMAT = "seg-onnx/1"
 MIN_OPSET = 11  # dynamic Pad sizes
 MAX_OPSET = 20  # torch.onnx's classic (TorchScript) exporter
 FP32_TOLERANCE = 1e-3
 FP16_TOLERANCE = 2e-2
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-
-
-def model_metadata(ckpt: dict[str, Any], name: str, fp16: bool, opset: int) -> dict[str, Any]:
-    """The facts a predictor needs, from a checkpoint dict."""
-    kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k != "encoder_weights"}
-    return {
-        "format": FORMAT,
-        "name": name,
-        "arch": kwargs.get("arch", "unet"),
-        "encoder": kwargs.get("encoder", ""),
-        "classes": list(ckpt["classes"]),
-        "palette": [list(map(int, c)) for c in ckpt["palette"]],
-        "in_channels": int(ckpt["in_channels"]),
-        "normalize": dict(ckpt["normalize"]),
-        "stride": int(ckpt["stride"]),
-        "tile_size": int(ckpt["tile_size"]),
-        "overlap": float(ckpt["overlap"]),
-        "ignore_index": int(ckpt.get("ignore_index", 255)),
-        "version": __version__,
-        "fp16": fp16,
-        "opset": opset,
-        "input": INPUT_NAME,
-        "output": OUTPUT_NAME,
-        "model_kwargs": kwargs,
-        "epoch": ckpt.get("epoch"),
-    }
 
 
 def export_onnx(run_or_ckpt: str | Path, out: str | Path, opset: int = 18, fp16: bool = False) -> dict[str, Any]:
@@ -91,9 +64,10 @@ def export_onnx(run_or_ckpt: str | Path, out: str | Path, opset: int = 18, fp16:
     ckpt = load_checkpoint(run_or_ckpt)
     model = model_from_checkpoint(ckpt)
     source = Path(ckpt["path"])
-    name = source.parent.parent.name if source.parent.name == "checkpoints" else source.stem
-    meta = model_metadata(ckpt, name, fp16, opset)
-    channels, stride = meta["in_channels"], meta["stride"]
+    info = ModelInfo.from_checkpoint(ckpt, checkpoint_name(source)).model_copy(
+        update={"version": __version__, "fp16": fp16, "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME}
+    )
+    channels, stride = info.in_channels, info.stride
 
     # Trace at a size that is not a stride multiple, so the padding is recorded from the input's shape.
     dummy = torch.randn(1, channels, 3 * stride + 5, 4 * stride + 3)
@@ -117,42 +91,29 @@ def export_onnx(run_or_ckpt: str | Path, out: str | Path, opset: int = 18, fp16:
         proto = onnx.load(str(tmp))
         if fp16:
             proto = _to_float16(proto)
-        set_metadata(proto, meta)
-        proto.doc_string = f"seg {meta['arch']}/{meta['encoder']} segmentation model; metadata key 'seg'"
+        set_metadata(proto, info)
+        proto.doc_string = f"seg {info.arch}/{info.encoder} segmentation model; metadata key 'seg'"
         proto.producer_name = "seg"
         proto.producer_version = __version__
         onnx.save(proto, str(tmp))
-        parity, provider = check_parity(model, tmp, meta, fp16, name=str(out))
+        parity, provider = check_parity(model, tmp, info, fp16, name=str(out))
     return {
         "path": str(out),
         "bytes": out.stat().st_size,
         "checkpoint": str(source),
         "opset": opset,
         "fp16": fp16,
-        "metadata": meta,
+        "metadata": info.to_metadata(),
         "parity": parity,
         "provider": provider,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
 
-def set_metadata(proto, meta: dict[str, Any]) -> None:
+def set_metadata(proto, info: ModelInfo) -> None:
     """metadata_props: "seg" holds the whole JSON object; single keys repeat it readably."""
-    readable = {
-        "seg": json.dumps(meta),
-        "seg_version": meta["version"],
-        "arch": meta["arch"],
-        "encoder": meta["encoder"],
-        "classes": json.dumps(meta["classes"]),
-        "palette": json.dumps(meta["palette"]),
-        "in_channels": str(meta["in_channels"]),
-        "normalize": json.dumps(meta["normalize"]),
-        "stride": str(meta["stride"]),
-        "tile_size": str(meta["tile_size"]),
-        "overlap": str(meta["overlap"]),
-    }
     del proto.metadata_props[:]
-    for key, value in readable.items():
+    for key, value in info.readable_metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
 
@@ -175,7 +136,7 @@ def parity_bound(fp16: bool, logits: np.ndarray) -> float:
 
 
 def check_parity(
-    model: torch.nn.Module, path: Path, meta: dict[str, Any], fp16: bool, name: str | None = None
+    model: torch.nn.Module, path: Path, info: ModelInfo, fp16: bool, name: str | None = None
 ) -> tuple[list[dict[str, Any]], str]:
     """Run ONNX Runtime and PyTorch on two random inputs; raise SegError when they differ too much.
 
@@ -185,7 +146,7 @@ def check_parity(
     from seg.runtime import create_session
 
     name = name or str(path)
-    c, s = meta["in_channels"], meta["stride"]
+    c, s = info.in_channels, info.stride
     session, provider = create_session(path, device="auto" if fp16 else "cpu")
     generator = torch.Generator().manual_seed(0)
     rows = []

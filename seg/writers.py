@@ -1,0 +1,256 @@
+"""Images written by row bands as a prediction finishes them: PNG and tiled TIFF (`band_writer`),
+multi-page TIFF stacks (`page_writer`), and the check that an earlier output is whole (`output_is_whole`).
+
+Every file is written into a temporary file beside its path and renamed onto it when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import struct
+import threading
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from seg.errors import SegError
+from seg.imageio import TIFF_SUFFIXES, atomic_path
+from seg.sources import png_size
+from seg.tiling import round_up
+
+WRITE_TILE = 256  # tile side of the TIFFs we write
+
+
+class BandWriter:
+    """Receives an image's rows top to bottom (`write`), then completes the file (`close`)."""
+
+    def write(self, rows: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        pass
+
+
+@contextmanager
+def band_writer(
+    path: str | Path, height: int, width: int, dtype: Any, samples: int = 1, palette: Sequence | None = None
+) -> Iterator[BandWriter]:
+    """A BandWriter into a temporary file beside `path`, renamed onto `path` when complete and removed on
+    error: a PNG for .png, a tiled zlib TIFF for .tif/.tiff.
+
+    Args:
+        path: the output file.
+        height: image height.
+        width: image width.
+        dtype: uint8 or uint16 (PNG, TIFF) or float32 (TIFF only).
+        samples: values per pixel (1 for a mask, 3 for RGB, K for probabilities).
+        palette: RGB colours for a PNG mask (a palette PNG).
+    """
+    path, dtype = Path(path), np.dtype(dtype)
+    suffix = path.suffix.lower()
+    if suffix not in (*TIFF_SUFFIXES, ".png"):
+        raise SegError(f"{path}: write .png or .tif, not {path.suffix!r}")
+    with atomic_path(path) as tmp:
+        if suffix == ".png":
+            writer: BandWriter = PngBandWriter(tmp, height, width, dtype, samples, palette)
+        else:
+            writer = TiffBandWriter(tmp, height, width, dtype, samples)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+
+@contextmanager
+def page_writer(path: str | Path, size: int = 0) -> Iterator[Callable[[np.ndarray], None]]:
+    """A function that appends one page, (H, W) or (H, W, S), to a multi-page zlib TIFF written into a
+    temporary file beside `path` and renamed onto it when complete (removed on error).
+
+    Pages are striped (readable by ImageJ and Fiji as a stack) and carry no shape metadata, so tifffile
+    reads them back as one (pages, H, W[, S]) series; BigTIFF when `size` (uncompressed bytes) passes 2 GB.
+    """
+    import tifffile
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=size > 2**31) as tif:
+
+        def write(page: np.ndarray) -> None:
+            rgb = page.ndim == 3 and page.shape[2] == 3 and page.dtype == np.uint8
+            tif.write(
+                page, compression="zlib", photometric="rgb" if rgb else "minisblack", metadata=None,
+                planarconfig="contig" if page.ndim == 3 else None, rowsperstrip=64,
+            )  # fmt: skip
+
+        yield write
+
+
+class PngBandWriter(BandWriter):
+    """A PNG encoded as rows arrive (Pillow needs the whole image): IHDR, PLTE, zlib-streamed IDAT, IEND.
+
+    Rows use PNG's "Sub" filter (difference to the pixel on the left), which suits masks and photos.
+    """
+
+    def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1, palette=None):
+        if dtype not in (np.uint8, np.uint16) or samples not in (1, 2, 3, 4):
+            raise SegError(f"{path}: PNG holds 8/16-bit images with 1-4 channels, not {dtype} x {samples}")
+        self.file = open(path, "wb")
+        self.height, self.width, self.samples = height, width, samples
+        self.dtype = np.dtype(">u2") if dtype == np.uint16 else np.dtype(np.uint8)
+        self.rows = 0
+        use_palette = palette is not None and samples == 1 and dtype == np.uint8
+        colour = 3 if use_palette else {1: 0, 2: 4, 3: 2, 4: 6}[samples]
+        self.file.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8 * self.dtype.itemsize, colour, 0, 0, 0))
+        if use_palette:
+            colours = [int(v) for rgb in list(palette)[:256] for v in rgb[:3]]
+            self._chunk(b"PLTE", bytes(colours))
+        self.zip = zlib.compressobj(6)
+        self.pending = b""
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self.file.write(struct.pack(">I", len(data)) + kind + data)
+        self.file.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    def write(self, rows: np.ndarray) -> None:
+        n = rows.shape[0]
+        raw = np.ascontiguousarray(rows, dtype=self.dtype).view(np.uint8).reshape(n, -1)
+        bpp = self.samples * self.dtype.itemsize
+        filtered = np.empty((n, raw.shape[1] + 1), np.uint8)
+        filtered[:, 0] = 1  # Sub
+        filtered[:, 1 : 1 + bpp] = raw[:, :bpp]
+        np.subtract(raw[:, bpp:], raw[:, :-bpp], out=filtered[:, 1 + bpp :])
+        self.pending += self.zip.compress(filtered.tobytes())
+        if len(self.pending) >= 1 << 20:
+            self._chunk(b"IDAT", self.pending)
+            self.pending = b""
+        self.rows += n
+
+    def close(self) -> None:
+        try:
+            if self.rows != self.height:
+                raise RuntimeError(f"PNG got {self.rows} of {self.height} rows")
+            self._chunk(b"IDAT", self.pending + self.zip.flush())
+            self._chunk(b"IEND", b"")
+        finally:
+            self.file.close()
+
+    def abort(self) -> None:
+        self.file.close()
+
+
+_END = object()
+
+
+class TiffBandWriter(BandWriter):
+    """A tiled, zlib-compressed TIFF written while rows arrive.
+
+    tifffile writes a tiled image from an iterator of tiles in one call; that call runs in a thread that
+    takes bands from a small queue, so the producer pushes rows and memory stays at a few bands.
+    """
+
+    def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1):
+        self.height, self.width, self.samples, self.dtype = height, width, samples, np.dtype(dtype)
+        self.tile = (min(WRITE_TILE, round_up(height, 16)), min(WRITE_TILE, round_up(width, 16)))
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(path,), name="tiff-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self, path: Path) -> None:
+        import tifffile
+
+        shape = (self.height, self.width) if self.samples == 1 else (self.height, self.width, self.samples)
+        photometric = "rgb" if self.samples == 3 and self.dtype == np.uint8 else "minisblack"
+        try:
+            tifffile.imwrite(
+                path, data=self._tiles(), shape=shape, dtype=self.dtype, tile=self.tile,
+                compression="zlib", photometric=photometric, planarconfig="contig" if self.samples > 1 else None,
+                maxworkers=2, buffersize=4 << 20,  # tifffile would read ahead 512 MB of tiles
+            )  # fmt: skip
+        except BaseException as err:  # handed to the producer on its next write or close
+            self.error = err
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        th, tw = self.tile
+        pending: list[np.ndarray] = []
+        have = done = 0
+        while done < self.height:
+            take = min(th, self.height - done)
+            while have < take:
+                rows = self.queue.get()
+                if rows is _END:
+                    raise RuntimeError(f"TIFF writer got {done + have} of {self.height} rows")
+                pending.append(rows)
+                have += rows.shape[0]
+            band = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            rows, rest = band[:take], band[take:]
+            pending, have = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+            for x in range(0, self.width, tw):
+                yield rows[:, x : x + tw]  # tifffile pads edge tiles
+            done += take
+
+    def _put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise self.error or RuntimeError("TIFF writer stopped")
+
+    def write(self, rows: np.ndarray) -> None:
+        self._put(np.ascontiguousarray(rows, dtype=self.dtype))
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self._put(_END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            try:
+                self.queue.put(_END, timeout=5)
+            except queue.Full:
+                pass
+        self.thread.join(timeout=10)
+
+
+def output_is_whole(path: str | Path, height: int, width: int) -> bool:
+    """True when `path` is a complete PNG or TIFF of the given size (written by us, or otherwise whole)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                size = os.path.getsize(path)
+                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+                return page.shape[:2] == (height, width) and max(ends, default=0) <= size and all(page.databytecounts)
+        with open(path, "rb") as f:
+            head = f.read(24)
+            f.seek(-12, os.SEEK_END)
+            tail = f.read(12)
+        return png_size(head) == (height, width) and tail[4:8] == b"IEND"
+    except Exception:  # anything unreadable is not whole
+        return False
