@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from seg.config import load_config  # noqa: E402
 from seg.models import build_model  # noqa: E402
-from training.train import Trainer, build_loss  # noqa: E402
+from training.losses import build_loss  # noqa: E402
+from training.train import Trainer  # noqa: E402
 
 
 def bare_loop(trainer: Trainer, steps: int) -> float:

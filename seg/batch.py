@@ -37,7 +37,11 @@ from rich.text import Text
 
 from seg.errors import SegError
 from seg.imageio import atomic_path, is_image_file
-from seg.predictor import Predictor, image_size, output_is_whole, stack_size
+from seg.predictor import Predictor
+from seg.sources import image_size, stack_size
+from seg.tiling import TilingOptions
+from seg.writers import output_is_whole
+from seg.progress import Progress
 from seg.runtime import default_model
 
 FORMATS = ("png", "tif")
@@ -177,15 +181,10 @@ def is_done(job: Job) -> bool:
 
 
 def run_batch(
-    model: str | Path,
+    predictor: Predictor,
     items: Sequence[str],
     out: str | Path,
-    tile: int | None = None,
-    overlap: float | None = None,
-    batch_size: int = 4,
-    device: str = "auto",
-    threads: int | None = None,
-    tta: bool = False,
+    options: TilingOptions | None = None,
     overlay: bool = False,
     probabilities: bool = False,
     confidence: bool = False,
@@ -196,10 +195,10 @@ def run_batch(
     """Predict every input image into `out`; returns the summary (also written to out/summary.json).
 
     Args:
-        model: the ONNX model.
+        predictor: the model's predictor (`Predictor.from_onnx`).
         items: image files, folders (recursive) or globs.
         out: the output folder.
-        tile, overlap, batch_size, device, threads, tta: see `seg.predictor.Predictor`.
+        options: the tiling (None: the predictor's).
         overlay: also write STEM.overlay.png.
         probabilities: also write STEM.probs.tif.
         confidence: also write STEM.confidence.tif.
@@ -215,20 +214,20 @@ def run_batch(
         raise SegError(f"--format {fmt!r}: choose png or tif")
     out = Path(out)
     _check_writable(out)
-    predictor = Predictor(model, device=device, threads=threads, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    options = options or predictor.options
     jobs = expand_inputs(items, exclude=out)
     plan_outputs(jobs, out, fmt, overlay, probabilities, confidence)
     console.print(
-        f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.num_classes} classes)"
-        f" on {predictor.device}; tile {predictor.tile}, overlap {predictor.overlap:g}, batch {predictor.batch_size}"
-        f"{', flip TTA' if tta else ''}; {len(jobs)} input(s)",
+        f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.info.num_classes} classes)"
+        f" on {predictor.device}; tile {options.tile}, overlap {options.overlap:g}, batch {options.batch_size}"
+        f"{', flip TTA' if options.tta else ''}; {len(jobs)} input(s)",
         highlight=False, soft_wrap=True,
     )  # fmt: skip
     summary_path = out / "summary.json"
     previous = _previous_entries(summary_path)
     settings = {
-        "model_sha256": file_sha256(predictor.path), "tile": predictor.tile, "overlap": predictor.overlap,
-        "tta": tta, "blend": predictor.blend, "format": fmt,
+        "model_sha256": file_sha256(predictor.path), "tile": options.tile, "overlap": options.overlap,
+        "tta": options.tta, "blend": options.blend, "format": fmt,
     }  # fmt: skip
     records = [_made_with(job, settings) for job in jobs]
     skips = [
@@ -252,12 +251,12 @@ def run_batch(
             "model_name": predictor.info.name,
             "model_sha256": settings["model_sha256"],
             "provider": predictor.provider,
-            "classes": predictor.class_names,
-            "tile": predictor.tile,
-            "overlap": predictor.overlap,
-            "batch_size": predictor.batch_size,
-            "tta": tta,
-            "blend": predictor.blend,
+            "classes": predictor.info.classes,
+            "tile": options.tile,
+            "overlap": options.overlap,
+            "batch_size": options.batch_size,
+            "tta": options.tta,
+            "blend": options.blend,
             "format": fmt,
             **counts,
             "complete": complete,
@@ -267,13 +266,13 @@ def run_batch(
         }
 
     summary_file = _SummaryFile(summary_path)
-    with _Progress(console, len(jobs)) as progress:
+    with Progress(console, "images", len(jobs)) as progress:
         for job, record, skip in zip(jobs, records, skips):
-            entry = _run_job(predictor, job, skip, record, previous, progress)
+            entry = _run_job(predictor, options, job, skip, record, previous, progress)
             entries.append(entry)
             earlier.pop(str(job.source), None)
             summary_file.write(summary_now(complete=False))
-            progress.image_done(job, entry)
+            _image_done(progress, job, entry)
     summary = summary_now(complete=True)
     summary_file.write(summary, final=True)
     summary["summary_path"] = str(summary_path)
@@ -343,8 +342,8 @@ def _check_writable(out: Path) -> None:
 
 
 def _run_job(
-    predictor: Predictor, job: Job, skip: bool, made_with: dict[str, Any] | None, previous: dict[str, dict],
-    progress: "_Progress",
+    predictor: Predictor, options: TilingOptions, job: Job, skip: bool, made_with: dict[str, Any] | None, previous: dict[str, dict],
+    progress: Progress,
 ) -> dict[str, Any]:  # fmt: skip
     entry: dict[str, Any] = {"input": str(job.source), "outputs": {k: str(v) for k, v in job.outputs.items()}}
     if job.error:
@@ -355,10 +354,10 @@ def _run_job(
         return {**entry, **kept, "made_with": made_with, "status": "skipped"}
     paths = job.outputs
     try:
-        on_tiles = progress.start_image(job, predictor)
+        on_tiles = _tile_bar(progress, job, predictor, options)
         predict = predictor.predict_stack if stack_size(job.source) > 1 else predictor.predict_file
         result = predict(
-            job.source, paths["mask"], probabilities_path=paths.get("probabilities"),
+            job.source, paths["mask"], options, probabilities_path=paths.get("probabilities"),
             confidence_path=paths.get("confidence"), overlay_path=paths.get("overlay"), on_tiles=on_tiles,
         )  # fmt: skip
     except Exception as err:  # one image's failure (unreadable, corrupt, out of memory) must not stop the run
@@ -366,7 +365,7 @@ def _run_job(
         message = text if str(job.source) in text else f"{job.source}: {text}"
         return {**entry, "status": "failed", "error": message}
     finally:
-        progress.end_image()
+        progress.end_sub()
     keep = ("height", "width", "slices", "channels", "dtype", "tiles", "seconds", "pixels_per_class")
     if "slices" in result:
         entry["note"] = f"a stack of {result['slices']} slices: one page per slice in multi-page TIFFs"
@@ -386,59 +385,25 @@ def _previous_entries(path: Path) -> dict[str, dict]:
         return {}
 
 
-class _Progress:
-    """A rich bar over images (and over tiles for large images) on a terminal; plain lines otherwise."""
+def _tile_bar(progress: Progress, job: Job, predictor: Predictor, options: TilingOptions):
+    """A tile callback for a large image (its own bar under the images bar), else None."""
+    if not progress.live:
+        return None
+    size = image_size(job.source)
+    tiles = predictor.tile_count(*size, options) * stack_size(job.source) if size else 0
+    if tiles <= LARGE_IMAGE_TILES:
+        return None
+    return progress.sub(f"  tiles of {job.relative}", tiles)
 
-    def __init__(self, console: Console, total: int):
-        self.console, self.total, self.done = console, total, 0
-        self.bar = None
-        self.tile_task = None
-        if console.is_terminal and not os.environ.get("CI"):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=console, transient=True,
-            )  # fmt: skip
-            self.image_task = self.bar.add_task("images", total=total)
-
-    def __enter__(self) -> "_Progress":
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def start_image(self, job: Job, predictor: Predictor):
-        """A tile callback for a large image (its own bar), else None."""
-        if self.bar is None:
-            return None
-        size = image_size(job.source)
-        tiles = predictor.tile_count(*size) * stack_size(job.source) if size else 0
-        if tiles <= LARGE_IMAGE_TILES:
-            return None
-        self.tile_task = self.bar.add_task(f"  tiles of {job.relative}", total=tiles)
-        return lambda n: self.bar.update(self.tile_task, advance=n)
-
-    def end_image(self) -> None:
-        if self.bar is not None and self.tile_task is not None:
-            self.bar.remove_task(self.tile_task)
-            self.tile_task = None
-
-    def image_done(self, job: Job, entry: dict[str, Any]) -> None:
-        self.done += 1
-        status = entry["status"]
-        if status == "failed":
-            line = Text.assemble(("failed ", "red"), entry["error"])
-        elif status == "skipped":
-            line = Text(f"skipped {job.source} (outputs made the same way exist; --force to redo)")
-        else:
-            line = Text(f"ok {job.source} -> {job.outputs['mask']} ({entry['width']}x{entry['height']}, {entry['seconds']:.2f} s)")
-        if self.bar:
-            self.bar.update(self.image_task, advance=1)
-            if status == "failed":
-                self.console.print(line, soft_wrap=True)
-        else:
-            self.console.print(Text(f"[{self.done}/{self.total}] ") + line, soft_wrap=True)
+def _image_done(progress: Progress, job: Job, entry: dict[str, Any]) -> None:
+    """One image done: a line for it (over the bar only for a failure)."""
+    progress.advance()
+    status = entry["status"]
+    if status == "failed":
+        line = Text.assemble(("failed ", "red"), entry["error"])
+    elif status == "skipped":
+        line = Text(f"skipped {job.source} (outputs made the same way exist; --force to redo)")
+    else:
+        line = Text(f"ok {job.source} -> {job.outputs['mask']} ({entry['width']}x{entry['height']}, {entry['seconds']:.2f} s)")
+    progress.line(line, above_bar=status == "failed")

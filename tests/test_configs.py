@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 from seg.config import VOC_CLASSES, load_config
-from seg.data import SegmentationDataset, build_augmentation, find_samples
+from seg.data import find_samples
+from training.data import SegmentationDataset, build_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=2", "train.threads=2", "output.overlays=1"]

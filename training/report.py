@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
+from seg.config import DataConfig
+from seg.data import Sample, load_pair
 from seg.imageio import atomic_path, colorize, overlay, to_display_rgb
 
 
@@ -42,17 +44,21 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_overlays(trainer, run, folder: Path, count: int) -> None:
-    """For the first `count` validation images: image | truth overlay | prediction overlay."""
+def write_overlays(
+    samples: list[Sample], data: DataConfig, predict: Callable[[np.ndarray], np.ndarray], folder: Path, count: int
+) -> None:
+    """For the first `count` samples: image | truth overlay | prediction overlay, as folder/NAME.png.
+
+    `predict` maps an image as read, (H, W, C), to its (H, W) class indices."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(min(count, len(trainer.val_set))):
-        raw, mask = trainer.val_set.load(i)
-        image, _ = trainer.val_set[i]
-        pred = trainer.predict_probs(image.numpy(), run).argmax(0)
-        truth = np.where(mask == trainer.cfg.data.ignore_index, 0, mask)
-        panels = [to_display_rgb(raw), overlay(raw, truth, trainer.palette), overlay(raw, pred, trainer.palette)]
-        if trainer.cfg.data.num_classes == 2:
-            panels[1:] = [colorize(truth, trainer.palette), colorize(pred, trainer.palette)]
-        name = trainer.val_samples[i].name.replace("/", "_")
+    palette = data.class_palette
+    for sample in samples[:count]:
+        raw, mask = load_pair(sample, data)
+        pred = predict(raw)
+        truth = np.where(mask == data.ignore_index, 0, mask)
+        panels = [to_display_rgb(raw), overlay(raw, truth, palette), overlay(raw, pred, palette)]
+        if data.num_classes == 2:
+            panels[1:] = [colorize(truth, palette), colorize(pred, palette)]
+        name = sample.name.replace("/", "_")
         with atomic_path(folder / f"{name}.png") as tmp:
             Image.fromarray(np.concatenate(panels, axis=1)).save(tmp, format="PNG")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from seg.config import Config, config_to_dict
-from seg.data import SegmentationDataset, build_augmentation, check_samples, find_samples
+from seg.data import check_samples, find_samples
 from seg.errors import SegError
 from seg.imageio import atomic_path
 from seg.metrics import ConfusionMatrix
 from seg.models import build_model
-from seg.tiling import predict_array
-from training.checkpoint import load_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state, torch_runner
+from seg.progress import Progress
+from seg.predictor import Predictor
+from training.checkpoint import load_checkpoint, model_info, model_state, rng_state, save_checkpoint, set_rng_state
+from training.data import SegmentationDataset, build_augmentation
+from training.losses import build_loss
 
 HIGHER_IS_BETTER = {"miou": True, "dice": True, "pixel_accuracy": True, "loss": False}
 
@@ -50,29 +52,6 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
-
-
-def build_loss(name: str, ignore_index: int) -> nn.Module:
-    from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
-
-    ce = nn.CrossEntropyLoss(ignore_index=ignore_index)
-    if name == "ce":
-        return ce
-    if name == "focal":
-        return FocalLoss("multiclass", ignore_index=ignore_index)
-    dice = DiceLoss("multiclass", ignore_index=ignore_index)
-    if name == "dice":
-        return dice
-    return _Sum(dice, ce)
-
-
-class _Sum(nn.Module):
-    def __init__(self, *losses: nn.Module):
-        super().__init__()
-        self.losses = nn.ModuleList(losses)
-
-    def forward(self, logits, target):
-        return sum(loss(logits, target) for loss in self.losses)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -117,7 +96,6 @@ class Trainer:
         self.train_samples, self.val_samples = find_samples(data)
         self.log(f"data: {len(self.train_samples)} training and {len(self.val_samples)} validation images; checking them")
         cache = check_samples(self.train_samples + self.val_samples, data)
-        self.palette = data.class_palette
         self.augment = build_augmentation(data, cfg.train.seed)
         self.train_set = SegmentationDataset(self.train_samples, data, self.augment, cache)
         self.val_set = SegmentationDataset(self.val_samples, data, None, cache)
@@ -197,7 +175,10 @@ class Trainer:
         self.model.train()
         total, count, images = 0.0, 0, 0
         epoch_start = time.perf_counter()
-        bar = _Progress(self.console, self.steps_per_epoch, f"epoch {self.epoch + 1}/{t.epochs}")
+        bar = Progress(
+            self.console, f"epoch {self.epoch + 1}/{t.epochs}", self.steps_per_epoch,
+            "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s", loss=float("nan"), rate=0.0,
+        ).start()  # fmt: skip
         for step, (x, y) in enumerate(loader):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -222,7 +203,7 @@ class Trainer:
             count += 1
             images += x.shape[0]
             bar.advance(loss=total / count, rate=images / max(time.perf_counter() - epoch_start, 1e-9))
-        bar.close()
+        bar.stop()
         return total / max(count, 1), images
 
     @torch.no_grad()
@@ -231,12 +212,11 @@ class Trainer:
         self.model.eval()
         data = self.cfg.data
         conf = ConfusionMatrix(data.num_classes, data.ignore_index)
-        run = torch_runner(self.model, self.device, self.amp)
+        predictor = self.predictor()
         nll, pixels = 0.0, 0
         for i in range(len(self.val_set)):
-            image, mask = self.val_set[i]
-            probs = self.predict_probs(image.numpy(), run)
-            target = mask.numpy()
+            image, target = self.val_set.load(i)
+            probs = predictor.predict(image, probabilities=True).probabilities
             conf.update(probs.argmax(0), target)
             valid = target != data.ignore_index
             picked = np.take_along_axis(probs, np.where(valid, target, 0)[None], 0)[0][valid]
@@ -250,9 +230,12 @@ class Trainer:
             out[f"val_dice_{name}"] = dice
         return out
 
-    def predict_probs(self, image: np.ndarray, run) -> np.ndarray:
-        o = self.cfg.output
-        return predict_array(image, run, tile=o.tile_size, overlap=o.overlap, multiple=self.model.stride)
+    def predictor(self) -> Predictor:
+        """The model as it is now, behind the one predictor (the config's normalisation and tiling)."""
+        from training.torch_runner import torch_predictor
+
+        info = model_info(self.model, self.model_kwargs, self.cfg, self.run_dir.name)
+        return torch_predictor(self.model, info, self.device, self.amp)
 
     def _is_best(self, row: dict[str, Any]) -> bool:
         metric = self.cfg.train.metric
@@ -314,8 +297,11 @@ class Trainer:
             if best.exists():
                 self.model.load_state_dict(load_checkpoint(best)["model"])
             self.model.eval()
-            run = torch_runner(self.model, self.device, self.amp)
-            write_overlays(self, run, self.run_dir / "overlays", self.cfg.output.overlays)
+            predictor = self.predictor()
+            write_overlays(
+                self.val_samples, self.cfg.data, lambda image: predictor.predict(image).mask,
+                self.run_dir / "overlays", self.cfg.output.overlays,
+            )  # fmt: skip
         self.log(f"run folder: {self.run_dir}")
 
 
@@ -325,31 +311,6 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
         if key in row:
             parts.append(f"{key.replace('_', ' ', 1)} {row[key]:.4f}")
     return "  ".join(parts) + ("  (best)" if improved else "")
-
-
-class _Progress:
-    """A rich progress bar on a terminal; nothing per step otherwise (the epoch line is logged)."""
-
-    def __init__(self, console: Console, total: int, label: str):
-        self.progress = None
-        if console.is_terminal and not os.environ.get("CI"):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeRemainingColumn(),
-                console=console, transient=True,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(label, total=total, loss=float("nan"), rate=0.0)
-
-    def advance(self, **fields) -> None:
-        if self.progress:
-            self.progress.update(self.task, advance=1, **fields)
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
 
 
 def train(cfg: Config, resume: bool = False, console: Console | None = None) -> Path:
