@@ -275,7 +275,7 @@ class Predictor:
         """Segment a TIFF stack slice by slice into multi-page TIFFs, one page per slice.
 
         Slices are read one at a time (pages, unless the file says they are channels: see
-        `seg.imageio.TiffLayout`) and segmented as images of their own; memory holds about one slice.
+        `seg.tiff.TiffLayout`) and segmented as images of their own; memory holds about one slice.
         Outputs as `predict_file`, each a zlib-compressed multi-page TIFF whatever its suffix says: the
         mask (H, W) pages, probabilities (H, W, K), confidence (H, W), overlay (H, W, 3).
 

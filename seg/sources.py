@@ -20,10 +20,8 @@ from typing import Any
 import numpy as np
 
 from seg.errors import ImageError
-from seg.imageio import (
-    PIL_FORMATS, TIFF_MAGIC, check_tiff_chunks, exif_orientation, is_tiff, orient, read_image, stack_message,
-    tiff_colours, tiff_layout, unsupported_format,
-)  # fmt: skip
+from seg.imageio import PIL_FORMATS, TIFF_MAGIC, exif_orientation, is_tiff, orient, read_image, unsupported_format
+from seg.tiff import check_tiff_chunks, stack_message, tiff_colours, tiff_layout
 from seg.preprocess import sample_step
 from seg.tiling import round_up
 
@@ -92,8 +90,8 @@ class TiffSource(ImageSource):
 
     A compressed TIFF in chunks taller than `MAX_CHUNK_ROWS` rows (e.g. one compressed strip) cannot be read
     by bands without decoding each chunk again for every band, so its slice is decoded whole once.
-    Layouts by `seg.imageio.tiff_layout`: a stack has `slices` slices (pages, unless the file says they are
-    channels), read one at a time (`select`); colours by `seg.imageio.tiff_colours`, per band.
+    Layouts by `seg.tiff.tiff_layout`: a stack has `slices` slices (pages, unless the file says they are
+    channels), read one at a time (`select`); colours by `seg.tiff.tiff_colours`, per band.
     """
 
     def __init__(self, path: Path):
@@ -226,7 +224,7 @@ def open_image(path: str | Path) -> ImageSource:
 
 
 def stack_size(path: str | Path) -> int:
-    """Slices in a TIFF stack (see `seg.imageio.TiffLayout`); 1 for one image and for anything unreadable."""
+    """Slices in a TIFF stack (see `seg.tiff.TiffLayout`); 1 for one image and for anything unreadable."""
     import tifffile
 
     try:
@@ -251,7 +249,7 @@ class HeaderShape:
 def header_shape(file: str | Path | bytes, name: str = "image") -> HeaderShape:
     """What a file's header (or an upload's) says about its image, without decoding any pixel.
 
-    TIFF layouts by `seg.imageio.tiff_layout`, as the readers take them (a slice of a stack); other formats
+    TIFF layouts by `seg.tiff.tiff_layout`, as the readers take them (a slice of a stack); other formats
     by Pillow, with its decompression-bomb warning silenced (`Image.DecompressionBombError` passes through:
     over twice `Image.MAX_IMAGE_PIXELS`).
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 from seg.errors import ImageError
-from seg.imageio import decode_image, orient, read_image, read_mask, tiff_layout
+from seg.imageio import decode_image, orient, read_image, read_mask
+from seg.tiff import tiff_layout
 from seg.predictor import Predictor
 from seg.sources import TiffSource, image_size
 from seg.tiling import TilingOptions

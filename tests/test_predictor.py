@@ -13,7 +13,8 @@ import tifffile
 from PIL import Image
 
 from seg.errors import ImageError, SegError
-from seg.imageio import decode_image, overlay, read_image, read_mask, tiff_layout
+from seg.imageio import decode_image, overlay, read_image, read_mask
+from seg.tiff import tiff_layout
 from seg.predictor import Predictor
 from seg.runtime import cuda_usable
 from seg.sources import SAMPLE_PIXELS, ArraySource, TiffSource, open_image
@@ -253,7 +254,7 @@ def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_f
     ids=["grey", "rgb", "channel-first", "one-page-stack"],
 )
 def test_tiff_layouts_read_alike_whole_and_by_bands(tmp_path, stored, expected):
-    """File, bytes and band reader share one layout rule (`seg.imageio.tiff_layout`)."""
+    """File, bytes and band reader share one layout rule (`seg.tiff.tiff_layout`)."""
     data = np.random.default_rng(0).integers(0, 60000, stored).astype(np.uint16)
     planes = {"planarconfig": "separate"} if stored[0] == 2 else {}  # channel-first: one page of planes
     tifffile.imwrite(tmp_path / "in.tif", data, photometric="minisblack", **planes)
