@@ -21,7 +21,9 @@ demo: $(BIN)/seg
 
 bench: $(BIN)/seg
 	$(BIN)/python bench/tiled.py
+	$(BIN)/python bench/shapes.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/train_throughput.py
 
 container-smoke:
