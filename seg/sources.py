@@ -272,6 +272,7 @@ def header_shape(file: str | Path | bytes, name: str = "image") -> HeaderShape:
                     raise ImageError(f"{name}: TIFF file without an image")
                 series = tif.series[0]
                 shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
+                palette = int(series.keyframe.photometric) == 3
         except ImageError:
             raise
         except Exception as err:  # tifffile raises many types for broken files
@@ -280,6 +281,8 @@ def header_shape(file: str | Path | bytes, name: str = "image") -> HeaderShape:
             height, width, channels = tiff_layout(shape, axes).image_shape
         except ImageError as err:
             raise ImageError(f"{name}: {err}") from None
+        if palette:  # indices become 8-bit RGB colours
+            return HeaderShape(height, width, 3, 3)
         return HeaderShape(height, width, channels, channels * dtype.itemsize)
     try:
         with warnings.catch_warnings():

@@ -151,6 +151,9 @@ def tiff_colours(page: Any, samples: int) -> Callable[[np.ndarray], np.ndarray]:
     CMYK and YCbCr become RGB. ImageError for interpretations seg does not read."""
     photometric = int(page.photometric)
     name = getattr(page.photometric, "name", str(photometric))
+    if photometric in (0, 1) and int(page.bitspersample) == 1:  # bilevel: 0 and 255, as Pillow reads 1-bit images
+        white = photometric == 1
+        return lambda rows: np.where(rows.astype(bool) == white, 255, 0).astype(np.uint8)
     if photometric in (1, 2):  # MinIsBlack, RGB
         return _stored_values
     if photometric == 0:  # MinIsWhite

@@ -411,3 +411,27 @@ def test_service_refuses_other_formats_and_stacks_and_turns_phone_photos(conv_on
         assert response.status_code == 200, response.text
         with Image.open(io.BytesIO(response.content)) as mask:
             assert mask.size == (200, 300)
+
+
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
+def test_bilevel_tiff_reads_as_0_and_255_like_a_1_bit_png(tmp_path, em_image, photometric):
+    """A 1-bit TIFF is black and white, as Pillow reads a 1-bit PNG: not 0 and 1 (nearly black to a model)."""
+    shown = em_image > 128
+    stored = shown if photometric == "minisblack" else ~shown
+    tifffile.imwrite(tmp_path / "bits.tif", stored, photometric=photometric)
+    Image.fromarray(shown).save(tmp_path / "bits.png")  # mode "1"
+    expected = read_image(tmp_path / "bits.png")
+    assert set(np.unique(expected)) == {0, 255}
+    np.testing.assert_array_equal(read_image(tmp_path / "bits.tif"), expected)
+    with TiffSource(tmp_path / "bits.tif") as source:
+        np.testing.assert_array_equal(source.read(100, 300)[..., 0], expected[100:300])
+
+
+def test_palette_tiff_header_counts_its_rgb_colours(tmp_path):
+    from seg.sources import header_shape
+
+    colormap = np.stack([np.arange(256) * 257] * 3).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "p.tif", np.zeros((40, 50), np.uint8), photometric="palette", colormap=colormap)
+    shape = header_shape(tmp_path / "p.tif")
+    assert (shape.height, shape.width, shape.channels, shape.bytes_per_pixel) == (40, 50, 3, 3)
+    assert read_image(tmp_path / "p.tif").shape == (40, 50, 3)
