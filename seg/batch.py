@@ -56,6 +56,7 @@ class Job:
     relative: Path  # the input's path below the folder or glob it came from
     outputs: dict[str, Path] = field(default_factory=dict)
     error: str | None = None  # set when the input cannot be processed at all
+    slices: int = 1  # of a TIFF stack (read once, when the outputs are planned)
 
 
 def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
@@ -147,7 +148,8 @@ def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilit
         if job.error:
             continue
         stem = out / job.relative.parent / job.relative.stem
-        kind = "tif" if stack_size(job.source) > 1 else fmt  # a stack's outputs are multi-page TIFFs
+        job.slices = stack_size(job.source)
+        kind = "tif" if job.slices > 1 else fmt  # a stack's outputs are multi-page TIFFs
         job.outputs = {"mask": stem.with_name(f"{stem.name}.{kind}")}
         if overlay:
             job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.{'tif' if kind != fmt else 'png'}")
@@ -355,7 +357,7 @@ def _run_job(
     paths = job.outputs
     try:
         on_tiles = _tile_bar(progress, job, predictor, options)
-        predict = predictor.predict_stack if stack_size(job.source) > 1 else predictor.predict_file
+        predict = predictor.predict_stack if job.slices > 1 else predictor.predict_file
         result = predict(
             job.source, paths["mask"], options, probabilities_path=paths.get("probabilities"),
             confidence_path=paths.get("confidence"), overlay_path=paths.get("overlay"), on_tiles=on_tiles,
@@ -390,7 +392,7 @@ def _tile_bar(progress: Progress, job: Job, predictor: Predictor, options: Tilin
     if not progress.live:
         return None
     size = image_size(job.source)
-    tiles = predictor.tile_count(*size, options) * stack_size(job.source) if size else 0
+    tiles = predictor.tile_count(*size, options) * job.slices if size else 0
     if tiles <= LARGE_IMAGE_TILES:
         return None
     return progress.sub(f"  tiles of {job.relative}", tiles)
