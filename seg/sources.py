@@ -327,15 +327,19 @@ def reason(err: Exception) -> str:
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
     """(height, width) from the file's header without decoding it, as the image is shown (EXIF orientation;
-    a slice of a stack); None when unknown or unreadable. A PNG's size is read from its IHDR (Pillow refuses
-    to open one past its decompression-bomb limit)."""
+    a slice of a stack); None when unknown or unreadable. Past Pillow's decompression-bomb limit, which it
+    refuses to open, a PNG's, JPEG's or BMP's size is read from its first bytes (`_header_size`)."""
+    from PIL import Image
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = png_size(f.read(24))
-        if size is None:
+        try:
             shape = header_shape(path, str(path))
-            size = shape.height, shape.width
+            size: tuple[int, int] | None = (shape.height, shape.width)
+        except Image.DecompressionBombError:
+            size = _header_size(_head(path, 1 << 16))[1]
+        if size is None:
+            return None
         return size[::-1] if exif_orientation(path) in (5, 6, 7, 8) else size
     except Exception:  # unreadable: the prediction will report it
         return None
@@ -379,9 +383,7 @@ PIXELS_PER_BYTE = {"png": 8 * 1032, "jpeg": 256, "bmp": 128}
 def _check_plausible_size(path: Path) -> None:
     """ImageError when the header claims more pixels than the file's bytes can hold (a corrupt header
     would otherwise have a huge image allocated and predicted)."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    kind, size = _header_size(head)
+    kind, size = _header_size(_head(path, 1 << 16))
     if size is None:
         return
     nbytes = os.path.getsize(path)
@@ -397,7 +399,8 @@ def _header_size(head: bytes) -> tuple[str, tuple[int, int] | None]:
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return "png", png_size(head)
     if head[:2] == b"BM" and len(head) >= 26:
-        width, height = struct.unpack("<ii", head[18:26])
+        core = struct.unpack("<I", head[14:18])[0] == 12  # OS/2 1.x header: 16-bit sides
+        width, height = struct.unpack("<HH", head[18:22]) if core else struct.unpack("<ii", head[18:26])
         return "bmp", (abs(height), abs(width))
     if head[:2] == b"\xff\xd8":
         i = 2
