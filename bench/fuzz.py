@@ -22,12 +22,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from mutants import mutants  # noqa: E402
+from mutants import REPRS, mutants  # noqa: E402
 from service import start_server, stop_server  # noqa: E402
 
 from seg.runtime import BUNDLED_MODEL  # noqa: E402
 
-REPRS = ("object at 0x", "Traceback", "<tifffile.", "<_io.", "<PIL.")
 
 
 def main() -> None:

@@ -8,6 +8,9 @@ seam and parity tests.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +20,36 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 EM_IMAGES = ROOT / "data" / "isbi2012" / "train" / "images"
+ISBI = ROOT / "data" / "isbi2012" / "train"
+
+
+def em_crops(root: Path, count: int, rows: slice, cols: slice) -> Path:
+    """A folder `root` with images/ and masks/: `count` crops of the real ISBI slices and their 0/255
+    membrane masks, as sliceN.png."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        for kind, folder in (("images", "images"), ("labels", "masks")):
+            crop = np.asarray(Image.open(ISBI / kind / f"{i:02d}.png"))[rows, cols]
+            Image.fromarray(crop).save(root / folder / f"slice{i}.png")
+    return root
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], timeout: float, cwd: Path = ROOT) -> int:
+    """Run `command`, SIGKILL it as soon as `ready()` is true (polled), and return its exit code: 0 when
+    it finished before that (within `timeout` seconds it is killed in any case)."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    return proc.returncode
 
 
 def build_checkpoint(

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from typer.testing import CliRunner
 from seg.cli import app
 from seg.imageio import read_mask
 
-from conftest import EM_IMAGES, ROOT, SAMPLES
+from conftest import EM_IMAGES, SAMPLES, kill_when
 
 runner = CliRunner()
 
@@ -285,16 +283,7 @@ def test_killed_run_keeps_its_finished_images_in_the_summary(conv_onnx, tmp_path
         tifffile.imwrite(folder / f"{name}.tif", rng.integers(0, 256, (4000, 1500), dtype=np.uint8), rowsperstrip=64)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "seg.cli", "predict", str(conv_onnx), str(folder), "--out", str(out), "--format", "tif"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(".img1.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    if proc.returncode == 0:
+    if kill_when(cmd, lambda: bool(list(out.glob(".img1.*.tmp"))), timeout=120) == 0:
         pytest.skip("the run finished before it could be killed")
     assert (out / "img0.tif").is_file() and not (out / "img3.tif").exists()
 

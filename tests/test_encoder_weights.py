@@ -6,12 +6,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 import yaml
-from PIL import Image
 from segmentation_models_pytorch.encoders._utils import patch_first_conv
 from typer.testing import CliRunner
 
@@ -19,9 +17,8 @@ from seg.cli import app
 from seg.errors import ConfigError
 from seg.models import build_model
 
-from conftest import ROOT
+from conftest import em_crops
 
-ISBI = ROOT / "data" / "isbi2012" / "train"
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +93,7 @@ def test_a_file_for_another_encoder_is_a_config_error(resnet_file):
 @pytest.fixture(scope="module")
 def em_folder(tmp_path_factory):
     """Four 64x64 crops of real ISBI slices with their membrane masks."""
-    root = tmp_path_factory.mktemp("em")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i in range(4):
-        image = np.asarray(Image.open(ISBI / "images" / f"{i:02d}.png"))[100:164, 50:114]
-        mask = np.asarray(Image.open(ISBI / "labels" / f"{i:02d}.png"))[100:164, 50:114]
-        Image.fromarray(image).save(root / "images" / f"slice{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"slice{i}.png")
-    return root
+    return em_crops(tmp_path_factory.mktemp("em"), 4, slice(100, 164), slice(50, 114))
 
 
 def train_with_weights(tmp_path: Path, data: Path, weights: Path, encoder: str = "resnet18"):

@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from seg.cli import app
 from seg.imageio import read_mask
 from seg.runtime import cuda_usable
 
-from conftest import EM_IMAGES, ROOT, SAMPLES
+from conftest import EM_IMAGES, SAMPLES, kill_when
 
 runner = CliRunner()
 
@@ -222,16 +219,7 @@ def test_killed_run_leaves_no_half_written_mask(conv_onnx, tmp_path):
     tifffile.imwrite(big, rng.integers(0, 256, (6000, 2000), dtype=np.uint8), rowsperstrip=64, compression="zlib")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "seg.cli", "predict", str(conv_onnx), str(big), "--out", str(out), "--format", "tif"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob(".big.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    if proc.returncode == 0:
+    if kill_when(cmd, lambda: bool(list(out.glob(".big.*.tmp"))), timeout=60) == 0:
         pytest.skip("the prediction finished before it could be killed")
     assert not (out / "big.tif").exists()
 

@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
-ISBI = ROOT / "data" / "isbi2012" / "train"
+from conftest import em_crops
 SEG = [sys.executable, "-m", "seg.cli"]
 
 
@@ -39,15 +38,7 @@ def seg_quick(*args):
 @pytest.fixture(scope="module")
 def em_folder(tmp_path_factory):
     """Eight 96x128 crops of real ISBI slices with their 0/255 membrane masks."""
-    root = tmp_path_factory.mktemp("em")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i in range(8):
-        image = np.asarray(Image.open(ISBI / "images" / f"{i:02d}.png"))[100:196, 50:178]
-        mask = np.asarray(Image.open(ISBI / "labels" / f"{i:02d}.png"))[100:196, 50:178]
-        Image.fromarray(image).save(root / "images" / f"slice{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"slice{i}.png")
-    return root
+    return em_crops(tmp_path_factory.mktemp("em"), 8, slice(100, 196), slice(50, 178))
 
 
 def write_config(path: Path, data_root: Path, out: Path, **train) -> Path:
