@@ -435,3 +435,13 @@ def test_palette_tiff_header_counts_its_rgb_colours(tmp_path):
     shape = header_shape(tmp_path / "p.tif")
     assert (shape.height, shape.width, shape.channels, shape.bytes_per_pixel) == (40, 50, 3, 3)
     assert read_image(tmp_path / "p.tif").shape == (40, 50, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP"])
+def test_image_size_past_the_bomb_limit(tmp_path, em_image, fmt, monkeypatch):
+    """Resume checks need the size of images Pillow refuses to open: read from the header's bytes."""
+    Image.fromarray(em_image[:300, :200]).save(tmp_path / "big", format=fmt)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60000 pixels are now past twice the limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big")
+    assert image_size(tmp_path / "big") == (300, 200)
