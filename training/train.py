@@ -179,9 +179,10 @@ class Trainer:
             self.console, f"epoch {self.epoch + 1}/{t.epochs}", self.steps_per_epoch,
             "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s", loss=float("nan"), rate=0.0,
         ).start()  # fmt: skip
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y, *extra) in enumerate(loader):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
+            extra = [e.to(self.device, non_blocking=True) for e in extra]  # e.g. per-pixel loss weights
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             total_steps = t.epochs * self.steps_per_epoch
@@ -192,7 +193,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = t.lr * factor
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss = self.loss_fn(self.model(x), y)
+                loss = self.loss_fn(self.model(x), y, *extra)
             if not torch.isfinite(loss):
                 raise SegError(f"loss became {loss.item()} at epoch {self.epoch + 1}; lower train.lr")
             self.optimizer.zero_grad(set_to_none=True)
