@@ -222,7 +222,7 @@ def run_batch(
     console.print(
         f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.info.num_classes} classes)"
         f" on {predictor.device}; tile {options.tile}, overlap {options.overlap:g}, batch {options.batch_size}"
-        f"{', flip TTA' if options.tta else ''}; {len(jobs)} input(s)",
+        f", TTA {options.tta}; {len(jobs)} input(s)",
         highlight=False, soft_wrap=True,
     )  # fmt: skip
     summary_path = out / "summary.json"
@@ -324,8 +324,11 @@ def _made_with(job: Job, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 def _same_making(job: Job, made_with: dict[str, Any] | None, old: dict[str, Any] | None) -> bool:
     """True when an earlier run recorded the same making for every output the job wants, and they exist whole."""
+    recorded = (old or {}).get("made_with")
+    if isinstance(recorded, dict) and isinstance(recorded.get("tta"), bool):  # before the TTA levels
+        recorded = {**recorded, "tta": "flips" if recorded["tta"] else "none"}
     return (
-        made_with is not None and old is not None and old.get("made_with") == made_with
+        made_with is not None and old is not None and recorded == made_with
         and set(job.outputs) <= set(old.get("outputs", {})) and is_done(job)
     )  # fmt: skip
 

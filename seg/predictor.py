@@ -74,7 +74,7 @@ class Predictor:
 
     Example:
         >>> predictor = Predictor.from_onnx("model.onnx", device="cpu")
-        >>> result = predictor.predict(image, TilingOptions(tile=256, tta=True), probabilities=True)
+        >>> result = predictor.predict(image, TilingOptions(tile=256, tta="d4"), probabilities=True)
         >>> predictor.predict_file("huge.tif", "out/huge.tif")
     """
 

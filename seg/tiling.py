@@ -28,6 +28,7 @@ MIN_TILE = 32  # the smallest tile side anyone may ask for (a model's stride is 
 MAX_TILE = 8192  # the largest (the service narrows it with SEG_MAX_TILE)
 MAX_BATCH = 256
 BLENDS = ("gaussian", "constant")
+TTA_LEVELS = ("none", "flips", "d4")
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,16 @@ class TilingOptions:
         tile: tile side in pixels (rounded up to the model's stride; see `tile_grid` for thin images).
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         batch_size: tiles per model call.
-        tta: average the probabilities over horizontal and vertical flips (4 runs per tile).
+        tta: test-time augmentation, "none", "flips" (the four flips: 4 runs per tile) or "d4" (the eight
+            rotations by 90 degrees and flips: 8 runs); the probabilities are averaged. True and False
+            mean "flips" and "none".
         blend: "gaussian" (no seams) or "constant" (plain average).
     """
 
     tile: int = 512
     overlap: float = 0.25
     batch_size: int = 4
-    tta: bool = False
+    tta: str = "none"
     blend: str = "gaussian"
 
     def __post_init__(self) -> None:
@@ -57,7 +60,11 @@ class TilingOptions:
             raise SegError(f"batch size {self.batch_size}: must be a whole number in 1..{MAX_BATCH}")
         if self.blend not in BLENDS:
             raise SegError(f"blend {self.blend!r}: choose {' or '.join(BLENDS)}")
-        for key, kind in (("tile", int), ("overlap", float), ("batch_size", int), ("tta", bool)):
+        if isinstance(self.tta, (bool, np.bool_)):
+            object.__setattr__(self, "tta", "flips" if self.tta else "none")
+        if not isinstance(self.tta, str) or self.tta not in TTA_LEVELS:
+            raise SegError(f"tta {self.tta!r}: choose none, flips or d4")
+        for key, kind in (("tile", int), ("overlap", float), ("batch_size", int)):
             object.__setattr__(self, key, kind(getattr(self, key)))
 
     def replace(self, **changes: Any) -> "TilingOptions":
@@ -141,15 +148,43 @@ def flip_tta(run: Runner) -> Runner:
     """Average the probabilities over the four flips (none, horizontal, vertical, both)."""
 
     def run_tta(batch: np.ndarray) -> np.ndarray:
-        total = None
+        total = 0.0
         for axes in ((), (3,), (2,), (2, 3)):
             x = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
             p = softmax(run(x))
-            p = np.flip(p, axes) if axes else p
-            total = p if total is None else total + p
-        return total / 4.0
+            total = total + (np.flip(p, axes) if axes else p).astype(np.float64)
+        return (total / 4.0).astype(np.float32)  # summed in float64: equal runs give their value exactly
 
     return run_tta
+
+
+def d4_tta(run: Runner) -> Runner:
+    """Average the probabilities over the eight rotations by 90 degrees and flips (the dihedral group D4).
+
+    A rotation swaps a tile's height and width, so non-square tiles run as their transposes too; every
+    transform is inverted exactly on the probabilities before they are averaged.
+    """
+
+    def run_tta(batch: np.ndarray) -> np.ndarray:
+        total = 0.0
+        for k in range(4):
+            for flip in (False, True):
+                x = np.rot90(batch, k, axes=(2, 3))
+                x = np.ascontiguousarray(np.flip(x, 3) if flip else x)
+                p = softmax(run(x))
+                total = total + np.rot90(np.flip(p, 3) if flip else p, -k, axes=(2, 3)).astype(np.float64)
+        return (total / 8.0).astype(np.float32)
+
+    return run_tta
+
+
+def tta_runner(run: Runner, level: str) -> Runner:
+    """The model's probabilities (N, K, h, w) at a TTA level of `TilingOptions`."""
+    if level == "flips":
+        return flip_tta(run)
+    if level == "d4":
+        return d4_tta(run)
+    return lambda batch: softmax(run(batch))
 
 
 def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int) -> TileGrid:
@@ -197,7 +232,7 @@ def predict_tiled(
     Args:
         read_rows: returns normalised rows [y0, y1) of the image, (C, rows, width) float32.
         run: the model, NCHW float32 -> (N, K, h, w) logits; h, w are multiples of `multiple`.
-        options: tile side, overlap, tiles per call of `run`, flips, blending (see `TilingOptions`).
+        options: tile side, overlap, tiles per call of `run`, TTA level, blending (see `TilingOptions`).
         multiple: the model's stride; every tile side is a multiple of it.
         on_tiles: called with the number of tiles just finished (for progress bars).
         check: called before each batch of tiles; it may raise to stop the prediction (a deadline, a
@@ -211,7 +246,7 @@ def predict_tiled(
     my, mx = grid.margin_y, grid.margin_x
     ys, xs = grid.starts_y, grid.starts_x
     weights = blend_weights(th, tw, options.blend)
-    predict = flip_tta(run) if options.tta else (lambda batch: softmax(run(batch)))
+    predict = tta_runner(run, options.tta)
     cols = reflect_index(np.arange(grid.canvas_x) - mx, width)
     batch_size = options.batch_size
 

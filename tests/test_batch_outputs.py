@@ -178,7 +178,7 @@ def test_rerun_skips_only_outputs_made_the_same_way(conv_onnx, conv_onnx_factory
     record = by_name(first)["a.png"]["made_with"]
     assert record["model_sha256"] == first["model_sha256"] and len(record["model_sha256"]) == 64
     settings = (record["tile"], record["overlap"], record["tta"], record["blend"], record["format"])
-    assert settings == (256, 0.25, False, "gaussian", "png")
+    assert settings == (256, 0.25, "none", "gaussian", "png")
     stamps = mtimes(out, "a.png", "b.png")
 
     def rerun(*options, model=conv_onnx) -> tuple[dict, str]:
@@ -199,8 +199,9 @@ def test_rerun_skips_only_outputs_made_the_same_way(conv_onnx, conv_onnx_factory
     for options, model, key, value in [
         (("--tile", "128"), conv_onnx, "tile", 128),
         (("--tile", "128", "--overlap", "0.5"), conv_onnx, "overlap", 0.5),
-        (("--tile", "128", "--overlap", "0.5", "--tta"), conv_onnx, "tta", True),
-        (("--tile", "128", "--overlap", "0.5", "--tta"), other_model, "model_sha256", summary_of(out)["model_sha256"]),
+        (("--tile", "128", "--overlap", "0.5", "--tta", "flips"), conv_onnx, "tta", "flips"),
+        (("--tile", "128", "--overlap", "0.5", "--tta", "d4"), conv_onnx, "tta", "d4"),
+        (("--tile", "128", "--overlap", "0.5", "--tta", "d4"), other_model, "model_sha256", summary_of(out)["model_sha256"]),
     ]:
         summary, output = rerun(*options, model=model)
         assert summary["ok"] == 2 and summary["skipped"] == 0, options

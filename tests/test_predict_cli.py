@@ -86,7 +86,7 @@ def test_tif_format_and_extra_outputs(conv_onnx, image_tree, tmp_path):
     out = tmp_path / "out"
     code, output = predict(
         conv_onnx, image_tree / "sub", "--out", out, "--format", "tif", "--probabilities", "--confidence", "--overlay",
-        "--tile", "64", "--overlap", "0.5", "--batch-size", "3", "--tta",
+        "--tile", "64", "--overlap", "0.5", "--batch-size", "3", "--tta", "flips",
     )  # fmt: skip
     assert code == 0, output
     with tifffile.TiffFile(out / "deeper" / "b.tif") as tif:
@@ -97,7 +97,7 @@ def test_tif_format_and_extra_outputs(conv_onnx, image_tree, tmp_path):
     np.testing.assert_allclose(tifffile.imread(out / "deeper" / "b.confidence.tif"), probs.max(-1))
     assert (out / "deeper" / "b.overlay.png").is_file() and (out / "c.overlay.png").is_file()
     summary = summary_of(out)
-    assert (summary["tile"], summary["overlap"], summary["batch_size"], summary["tta"]) == (64, 0.5, 3, True)
+    assert (summary["tile"], summary["overlap"], summary["batch_size"], summary["tta"]) == (64, 0.5, 3, "flips")
 
 
 def test_rerun_skips_whole_outputs_and_redoes_partial_ones(conv_onnx, image_tree, tmp_path):
@@ -186,11 +186,28 @@ def test_seg_model_variable_names_the_default(conv_onnx, tmp_path, monkeypatch):
         (["--overlap", "1.5"], "overlap"),
         (["--device", "tpu"], "--device"),
         (["--batch-size", "0"], "batch size"),
+        (["--tta", "d8"], "tta 'd8': choose none, flips or d4"),
     ],
 )
 def test_option_errors_exit_2(conv_onnx, tmp_path, options, message):
     code, output = predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out", *options)
     assert code == 2 and message in output
+
+
+def test_tta_levels(conv_onnx, tmp_path):
+    image = SAMPLES / "isbi_test_00.png"
+    masks = {}
+    for level in ("none", "flips", "d4"):
+        code, output = predict(conv_onnx, image, "--out", tmp_path / level, "--tta", level)
+        assert code == 0, output
+        assert f"TTA {level};" in output
+        summary = summary_of(tmp_path / level)
+        assert summary["tta"] == summary["images"][0]["made_with"]["tta"] == level
+        masks[level] = read_mask(tmp_path / level / "isbi_test_00.png")
+    assert not np.array_equal(masks["flips"], masks["d4"])  # the 3x3 kernels are not rotation symmetric
+    code, output = predict(conv_onnx, image, "--out", tmp_path / "bad", "--tta", "yes")
+    assert code == 2 and output.strip() == "error: tta 'yes': choose none, flips or d4"
+    assert not (tmp_path / "bad" / "isbi_test_00.png").exists()
 
 
 @pytest.mark.skipif(cuda_usable(), reason="a GPU is usable here")
@@ -239,3 +256,15 @@ def test_progress_bars_on_a_terminal(conv_onnx, tmp_path):
     predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     summary = run_batch(predictor, [str(tmp_path / "wide.tif"), str(SAMPLES)], tmp_path / "out", console=console)
     assert summary["ok"] == 4 and "model" in stream.getvalue()
+
+
+def test_summaries_of_the_boolean_tta_still_skip(conv_onnx, tmp_path):
+    """A summary.json written when TTA was on or off (true/false) matches the levels flips and none."""
+    out = tmp_path / "out"
+    for level, old in (("none", False), ("flips", True)):
+        assert predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", out, "--tta", level)[0] == 0
+        summary = summary_of(out)
+        summary["images"][0]["made_with"]["tta"] = old
+        (out / "summary.json").write_text(json.dumps(summary))
+        code, output = predict(conv_onnx, SAMPLES / "isbi_test_00.png", "--out", out, "--tta", level)
+        assert code == 0 and summary_of(out)["skipped"] == 1, output

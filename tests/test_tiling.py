@@ -138,3 +138,56 @@ def test_config_and_options_share_their_limits(tmp_path):
     raw["output"]["tile_size"] = MIN_TILE - 1
     with pytest.raises(ConfigError, match="output.tile_size"):
         validate_config(raw)
+
+
+# -- test-time augmentation ----------------------------------------------------------------------------
+def by_row(batch: np.ndarray) -> np.ndarray:
+    """A model whose logits depend on the row within the tile as well as on the pixel."""
+    rows = np.linspace(-1.0, 1.0, batch.shape[2], dtype=np.float32)[None, None, :, None]
+    x = batch[:, :1]
+    return np.concatenate([x * (1.0 + rows), 1.0 - x + 2.0 * rows**3], axis=1)
+
+
+def tiled(image: np.ndarray, run, **options) -> np.ndarray:
+    bands = predict_tiled(lambda y0, y1: image[:, y0:y1], *image.shape[1:], run, TilingOptions(**options))
+    return np.concatenate([p for _, p in bands], axis=1)
+
+
+def em_crop(height: int, width: int) -> np.ndarray:
+    from seg.imageio import read_image
+
+    from conftest import SAMPLES
+
+    em = read_image(SAMPLES / "isbi_test_00.png").astype(np.float32) / 255.0
+    return np.ascontiguousarray(np.tile(em, (-(-height // 512), -(-width // 512)))[None, :height, :width])
+
+
+def test_tta_levels_and_the_old_bools():
+    assert TilingOptions().tta == "none"
+    assert [TilingOptions(tta=tta).tta for tta in (True, False, "d4")] == ["flips", "none", "d4"]
+    assert TilingOptions(tta="flips").replace(tta=False).tta == "none"
+    for bad in ("D4", "rot90", "", 1, None):
+        with pytest.raises(SegError, match="tta .*: choose none, flips or d4"):
+            TilingOptions(tta=bad)
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (20, 3000)])  # the thin image has 64 x 1024 tiles
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_tta_of_a_pointwise_model_is_exactly_no_tta(shape, tta):
+    image = em_crop(*shape)
+    expected = tiled(image, pointwise, tile=256)
+    np.testing.assert_array_equal(tiled(image, pointwise, tile=256, tta=tta), expected)
+
+
+def test_d4_differs_from_flips_and_commutes_with_rotation():
+    image = em_crop(128, 192)  # with tile 64 and overlap 0.5 the tile grid is its own mirror image
+    options = {"tile": 64, "overlap": 0.5, "batch_size": 3}
+    d4 = tiled(image, by_row, tta="d4", **options)
+    flips = tiled(image, by_row, tta="flips", **options)
+    assert np.abs(d4 - flips).max() > 0.05
+    for k in (1, 2, 3):
+        turned = tiled(np.ascontiguousarray(np.rot90(image, k, axes=(1, 2))), by_row, tta="d4", **options)
+        np.testing.assert_allclose(turned, np.rot90(d4, k, axes=(1, 2)), atol=1e-6)
+    # Flips alone do not commute with a rotation by 90 degrees for this model.
+    turned = tiled(np.ascontiguousarray(np.rot90(image, 1, axes=(1, 2))), by_row, tta="flips", **options)
+    assert np.abs(turned - np.rot90(flips, 1, axes=(1, 2))).max() > 0.05
