@@ -30,7 +30,9 @@ err = Console(stderr=True)
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. "Corrupt EXIF data"
 # Imported by train, eval, export and models only; `pip install seg` leaves them out.
-TRAIN_MODULES = {"torch", "torchvision", "segmentation_models_pytorch", "albumentations", "monai", "onnx", "matplotlib"}
+TRAIN_MODULES = {
+    "torch", "torchvision", "segmentation_models_pytorch", "albumentations", "monai", "onnx", "matplotlib", "skimage",
+}
 
 
 def user_errors(fn):
@@ -83,11 +85,13 @@ def evaluate(
     split: str = typer.Option("val", help="With a config: 'val' or 'train'."),
     out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here (default: beside the model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips)."),
 ):
-    """Evaluate a model on labelled images: per-class IoU and Dice, mIoU, pixel accuracy."""
+    """Evaluate a model on labelled images: per-class IoU and Dice, mIoU, pixel accuracy (and the ISBI
+    challenge's Rand error and variation of information on two-class EM data)."""
     from training.evaluate import evaluate as run_eval, print_table
 
-    result = run_eval(model, data, split=split, device=device)
+    result = run_eval(model, data, split=split, device=device, tta=tta)
     print_table(result, Console())
     target = out or (model if model.is_dir() else model.parent) / f"eval_{split}.json"
     from seg.imageio import atomic_path
@@ -139,7 +143,7 @@ def predict(
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: physical cores)."),
-    tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write STEM.overlay.png, the image with the coloured mask."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32."),
     confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),

@@ -1,4 +1,5 @@
-"""`seg eval`: metrics of a model on labelled images, from one confusion matrix."""
+"""`seg eval`: metrics of a model on labelled images, from one confusion matrix; on two-class EM data also
+the ISBI 2012 challenge's Rand error and variation of information of the cell regions."""
 
 from __future__ import annotations
 
@@ -26,13 +27,38 @@ def load_predictor(model: Path, device: str = "auto") -> Predictor:
     return checkpoint_predictor(model, device)
 
 
-def evaluate(model: str | Path, data: str | Path, split: str = "val", device: str = "auto") -> dict[str, Any]:
-    """Evaluate a run folder, checkpoint or ONNX model on a config's split or a folder of images/masks."""
+def em_metrics(pred: np.ndarray, mask: np.ndarray, cell: int = 1) -> dict[str, float]:
+    """The ISBI 2012 challenge's figures of one image: the cells are the connected components (4-connected)
+    of class `cell`; the Rand error is foreground-restricted (true non-cell pixels are left out), as is the
+    variation of information (in bits), the sum of its split (over-segmentation, H(pred | truth)) and merge
+    (under-segmentation, H(truth | pred)) parts."""
+    from skimage.measure import label
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    truth = label(np.asarray(mask) == cell, connectivity=1)
+    cells = label(np.asarray(pred) == cell, connectivity=1)
+    if not truth.any():
+        return {"rand_error": float("nan"), "vi": float("nan"), "vi_split": float("nan"), "vi_merge": float("nan")}
+    error = adapted_rand_error(truth, cells, ignore_labels=(0,))[0]
+    split, merge = variation_of_information(truth, cells, ignore_labels=(0,))
+    return {"rand_error": float(error), "vi": float(split + merge), "vi_split": float(split), "vi_merge": float(merge)}
+
+
+def evaluate(
+    model: str | Path, data: str | Path, split: str = "val", device: str = "auto", tta: str | bool = "none"
+) -> dict[str, Any]:
+    """Evaluate a run folder, checkpoint or ONNX model on a config's split or a folder of images/masks.
+
+    `tta` is the test-time augmentation level ("none", "flips" or "d4", see `TilingOptions`). On two-class
+    EM data the result also has the challenge's `rand_error`, `vi`, `vi_split` and `vi_merge` (see
+    `em_metrics`), averaged over images.
+    """
     model, data = Path(model), Path(data)
     if not model.exists():
         raise SegError(f"{model}: no such model, checkpoint or run folder")
     predictor = load_predictor(model, device)
     info = predictor.info
+    options = predictor.options.replace(tta=tta)
     if data.is_file():
         cfg = load_config(data)
         data_cfg = cfg.data
@@ -54,23 +80,31 @@ def evaluate(model: str | Path, data: str | Path, split: str = "val", device: st
     if not samples:
         raise SegError(f"{data}: the {split} split is empty")
 
+    em = data_cfg.kind == "em" and info.num_classes == 2
     conf = ConfusionMatrix(info.num_classes, data_cfg.ignore_index)
     per_image = []
     start = time.perf_counter()
     for sample in samples:
         image, mask = load_pair(sample, data_cfg)
-        pred = predictor.predict(image, name=str(sample.image)).mask
+        pred = predictor.predict(image, options, name=str(sample.image)).mask
         single = ConfusionMatrix(info.num_classes, data_cfg.ignore_index)
         single.update(pred, mask)
         conf.matrix += single.matrix
         m = single.compute()
         per_image.append({"name": sample.name, "miou": m["miou"], "pixel_error": m["pixel_error"]})
+        if em:
+            per_image[-1].update(em_metrics(pred, mask))
     metrics = conf.compute()
+    if em:
+        for key in ("rand_error", "vi", "vi_split", "vi_merge"):
+            values = [entry[key] for entry in per_image]
+            metrics[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     return {
         "model": str(predictor.path),
         "data": str(data),
         "split": split if data.is_file() else "folder",
         "images": len(samples),
+        "tta": options.tta,
         "seconds": round(time.perf_counter() - start, 2),
         "classes": info.classes,
         **metrics,
@@ -90,6 +124,12 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     table.add_row("mean", _fmt(result["miou"]), _fmt(result["dice"]))
     console.print(table)
     console.print(f"pixel accuracy {result['pixel_accuracy']:.4f}   pixel error {result['pixel_error']:.4f}")
+    if "rand_error" in result:
+        console.print(
+            f"ISBI cells (mean of {result['images']} images): Rand error {_fmt(result['rand_error'])}   VI"
+            f" {_fmt(result['vi'])} (split {_fmt(result['vi_split'])}, merge {_fmt(result['vi_merge'])}) bits",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def _fmt(value: float | None) -> str:
