@@ -91,6 +91,13 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class BorderWeight(Section):
+    """U-Net's border weight map (`training.data.border_weight_map`): w0 and sigma in pixels."""
+
+    w0: float = Field(10.0, ge=0)
+    sigma: float = Field(5.0, gt=0)
+
+
 class TrainConfig(Section):
     epochs: int = Field(50, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0)
@@ -102,7 +109,9 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["cosine", "poly", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    loss: Literal["ce", "dice", "dice_ce", "focal"] = "dice_ce"
+    loss: Literal["ce", "dice", "dice_ce", "focal", "weighted_ce"] = "dice_ce"
+    border_weight: BorderWeight | None = Field(None, validate_default=True)
+    class_weights: list[float] | Literal["auto"] | None = Field(None, validate_default=True)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -111,6 +120,19 @@ class TrainConfig(Section):
     val_every: int = Field(1, ge=1)
     metric: Literal["miou", "dice", "pixel_accuracy", "loss"] = "miou"
     threads: int | None = Field(None, ge=1)
+
+    @field_validator("border_weight", "class_weights")
+    @classmethod
+    def _ce_part(cls, value, info):
+        """Both weight the cross-entropy part; `weighted_ce` turns the border weights on by default."""
+        loss = info.data.get("loss")
+        if value is None:
+            return BorderWeight() if loss == "weighted_ce" and info.field_name == "border_weight" else None
+        if loss in ("dice", "focal"):
+            raise ValueError(f"loss {loss} has no cross-entropy part to weight")
+        if isinstance(value, list) and not (all(0 <= w < float("inf") for w in value) and sum(value) > 0):
+            raise ValueError(f"class weights are 0 or more, at least one above 0, got {value}")
+        return value
 
 
 class OutputConfig(Section):

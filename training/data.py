@@ -1,29 +1,88 @@
 """The training data set: normalised, augmented crops of the sample pairs `seg.data` finds and checks.
 
-`SegmentationDataset` yields (C, H, W) float32 tensors and (H, W) int64 masks for a torch DataLoader;
+`SegmentationDataset` yields (C, H, W) float32 tensors and (H, W) int64 masks for a torch DataLoader,
+and with border weights an (H, W) float32 weight map per crop; `border_weight_map` is U-Net's weight map;
 `build_augmentation` is the albumentations pipeline the config asks for.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from seg.config import DataConfig
+from seg.config import BorderWeight, DataConfig
 from seg.data import Sample, load_pair
 from seg.errors import DataError
 from seg.preprocess import normalize
 
 
-class SegmentationDataset(Dataset):
-    """Normalised (C, H, W) float32 images and (H, W) int64 masks, augmented by `transform`."""
+def border_weight_map(
+    mask: np.ndarray, w0: float = 10.0, sigma: float = 5.0, ignore_index: int = 255, background: int = 0
+) -> np.ndarray:
+    """U-Net's weight map (Ronneberger et al. 2015, eq. 2) of an (H, W) class-index mask, float32.
 
-    def __init__(self, samples: list[Sample], data: DataConfig, transform=None, cache: dict | None = None):
+    w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2)), with d1, d2 the distances to the nearest and
+    second-nearest connected component (4-connected) of the foreground: every class but `background`.
+    w_c is the inverse pixel frequency of x's class in this mask, scaled so its mean over valid pixels is 1
+    (with two classes present, a class covering fraction f gets 1 / (2 f)). The border term is added on
+    `background` pixels only, the ones that separate components, and only where d1 + d2 <= 6 sigma (past
+    that it is below 1e-7); each component's distances are computed in its bounding box grown by 6 sigma.
+    Pixels at `ignore_index` get 0.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask)
+    valid = mask != ignore_index
+    weights = np.zeros(mask.shape, np.float32)
+    classes, counts = np.unique(mask[valid], return_counts=True)
+    if not len(classes):
+        return weights
+    per_class = counts.sum() / (len(classes) * counts)  # mean over valid pixels is 1
+    weights[valid] = per_class[np.searchsorted(classes, mask[valid])]
+    labels, count = ndimage.label(valid & (mask != background))
+    if count < 2 or w0 == 0:
+        return weights
+    margin = math.ceil(6 * sigma)
+    d1 = np.full(mask.shape, np.inf, np.float32)
+    d2 = np.full(mask.shape, np.inf, np.float32)
+    height, width = mask.shape
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        rows = slice(max(box[0].start - margin, 0), min(box[0].stop + margin, height))
+        cols = slice(max(box[1].start - margin, 0), min(box[1].stop + margin, width))
+        dist = ndimage.distance_transform_edt(labels[rows, cols] != index).astype(np.float32)
+        near, second = d1[rows, cols], d2[rows, cols]  # views: updated in place
+        np.minimum(second, np.maximum(near, dist), out=second)
+        np.minimum(near, dist, out=near)
+    border = (mask == background) & np.isfinite(d2)
+    total = d1[border] + d2[border]
+    weights[border] += w0 * np.exp(-(total**2) / (2 * sigma**2))
+    return weights
+
+
+class SegmentationDataset(Dataset):
+    """Normalised (C, H, W) float32 images and (H, W) int64 masks, augmented by `transform`.
+
+    With `border_weight` it yields (image, mask, weights) with U-Net's weight map of the whole image,
+    computed once per image and moved by `transform` as a second mask (float32, 0 at ignored pixels).
+    """
+
+    def __init__(
+        self, samples: list[Sample], data: DataConfig, transform=None, cache: dict | None = None,
+        border_weight: BorderWeight | None = None,
+    ):  # fmt: skip
         self.samples = samples
         self.data = data
         self.transform = transform
         self.cache = cache or {}
+        self.weight_maps: dict[str, np.ndarray] = {}
+        if border_weight is not None:
+            for i, sample in enumerate(samples):
+                self.weight_maps[sample.name] = border_weight_map(
+                    self.load(i)[1], border_weight.w0, border_weight.sigma, data.ignore_index
+                )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -33,14 +92,26 @@ class SegmentationDataset(Dataset):
         pair = self.cache.get(sample.name)
         return pair if pair is not None else load_pair(sample, self.data)
 
+    def masks(self):
+        """Each image's mask in turn, as `load` gives it."""
+        for i in range(len(self)):
+            yield self.load(i)[1]
+
     def __getitem__(self, index: int):
         image, mask = self.load(index)
+        weights = self.weight_maps.get(self.samples[index].name)
         x = normalize(image, self.data.normalize).transpose(1, 2, 0)
         if self.transform is not None:
-            out = self.transform(image=x, mask=mask)
-            x, mask = out["image"], out["mask"]
+            extra = {} if weights is None else {"weights": weights}
+            out = self.transform(image=x, mask=mask, **extra)
+            x, mask, weights = out["image"], out["mask"], out.get("weights")
         x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-        return x, torch.from_numpy(np.ascontiguousarray(mask)).long()
+        y = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        if weights is None:
+            return x, y
+        w = torch.from_numpy(np.array(weights, np.float32))
+        w[y == self.data.ignore_index] = 0  # e.g. padding filled with the ignore index
+        return x, y, w
 
 
 def build_augmentation(data: DataConfig, seed: int = 0):
@@ -77,4 +148,4 @@ def build_augmentation(data: DataConfig, seed: int = 0):
                 steps.append(cls(**kwargs))
             except (TypeError, ValueError) as err:
                 raise DataError(f"data.augment.{i} ({spec.name}): {err}") from None
-    return A.Compose(steps, seed=seed)
+    return A.Compose(steps, seed=seed, additional_targets={"weights": "mask"})

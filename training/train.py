@@ -97,7 +97,7 @@ class Trainer:
         self.log(f"data: {len(self.train_samples)} training and {len(self.val_samples)} validation images; checking them")
         cache = check_samples(self.train_samples + self.val_samples, data)
         self.augment = build_augmentation(data, cfg.train.seed)
-        self.train_set = SegmentationDataset(self.train_samples, data, self.augment, cache)
+        self.train_set = SegmentationDataset(self.train_samples, data, self.augment, cache, cfg.train.border_weight)
         self.val_set = SegmentationDataset(self.val_samples, data, None, cache)
 
         torch.manual_seed(cfg.train.seed)
@@ -105,7 +105,9 @@ class Trainer:
         self.model = build_model(**self.model_kwargs).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(cfg.train.loss, data.ignore_index)
+        self.loss_fn = build_loss(
+            cfg.train.loss, data.ignore_index, cfg.train.class_weights, data.classes, self.train_set.masks(), self.log
+        )
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(self.train_set) // cfg.train.batch_size)
