@@ -278,6 +278,6 @@ def openapi(spec: dict, routes: frozenset[str], upload_routes: frozenset[str]) -
                         field["nullable"] = True
             operation["description"] = (
                 operation.get("description", "") + "\n\nThe image may also be the raw body, with the other "
-                "parameters in the query string (`?tile=512&tta=true`)."
+                "parameters in the query string (`?tile=512&tta=d4`)."
             ).strip()
     return spec

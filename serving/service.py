@@ -39,7 +39,8 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, Strict, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse, Response
 
 from seg import imageio
@@ -47,7 +48,7 @@ from seg.errors import ImageError, SegError
 from seg.modelinfo import ModelInfo
 from seg.predictor import Prediction, Predictor
 from seg.sources import ArraySource, header_shape
-from seg.tiling import MAX_TILE, MIN_TILE
+from seg.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
 from seg.writers import band_writer
 from serving.gate import Gate
 from serving.settings import Settings
@@ -69,7 +70,22 @@ Tile = Annotated[
 Overlap = Annotated[
     float, Field(ge=0.0, le=MAX_OVERLAP, strict=True, description="tile overlap fraction (default: the model's)")
 ]
-TTA = Annotated[bool, Field(strict=True, description="average over flips (4 runs per tile)")]
+
+
+def _tta_error(value: object, handler: Callable[[object], object]) -> object:
+    """One message for a bad `tta`, not one per member of its union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("tta", "Input should be none, flips, d4, true or false") from None
+
+
+TTA = Annotated[
+    Annotated[bool, Strict()] | Literal["none", "flips", "d4"],
+    WrapValidator(_tta_error),
+    Field(description="test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips); "
+          "true means flips, false none"),
+]  # fmt: skip
 
 
 class TooLarge(SegError):
@@ -148,7 +164,7 @@ class Segmentation:
     @bentoml.api(route="/segment")
     @client_errors
     def segment(
-        self, image: ImageFile, tile: Tile | None = None, overlap: Overlap | None = None, tta: TTA = False
+        self, image: ImageFile, tile: Tile | None = None, overlap: Overlap | None = None, tta: TTA = "none"
     ) -> Annotated[Path, ContentType("image/png")]:
         """The label mask: a palette PNG of the image's width and height, pixel value = class index."""
         _, result = self._predict(image, tile, overlap, tta, request_check(self.settings.timeout))
@@ -162,7 +178,7 @@ class Segmentation:
         image: ImageFile,
         tile: Tile | None = None,
         overlap: Overlap | None = None,
-        tta: TTA = False,
+        tta: TTA = "none",
         mask: Literal["png", "rle", "none"] = "png",
     ) -> SegmentResult:
         """Pixels and fraction per class, image size, model name, time, and the mask (PNG base64 or RLE)."""
@@ -193,7 +209,7 @@ class Segmentation:
         image: ImageFile,
         tile: Tile | None = None,
         overlap: Overlap | None = None,
-        tta: TTA = False,
+        tta: TTA = "none",
         alpha: Annotated[float, Field(ge=0.0, le=1.0, strict=True, description="opacity of the mask colours")] = 0.5,
         format: Literal["png", "jpeg"] = "png",
     ) -> Annotated[Path, ContentType("image/*")]:
@@ -212,11 +228,12 @@ class Segmentation:
             **dict(self.predictor.info), provider=self.predictor.provider, device=self.predictor.device,
             limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                     "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
-                    "overlap": [0.0, MAX_OVERLAP], "timeout": s.timeout, "concurrency": s.concurrency},
+                    "overlap": [0.0, MAX_OVERLAP], "tta": list(TTA_LEVELS), "timeout": s.timeout,
+                    "concurrency": s.concurrency},
         )  # fmt: skip
 
     def _predict(
-        self, path: Path, tile: int | None, overlap: float | None, tta: bool, check: Callable[[], None]
+        self, path: Path, tile: int | None, overlap: float | None, tta: str | bool, check: Callable[[], None]
     ) -> tuple[np.ndarray, Prediction]:
         """(image, prediction) for an uploaded file, with this request's tiling; `check` runs between tile batches."""
         check()  # a request that waited for the model may be past its deadline already

@@ -240,6 +240,32 @@ def test_raw_body_and_per_request_tiling(server, unet_onnx, em):
     assert form.content == raw.content
 
 
+def test_tta_levels(server, local, em):
+    """tta takes none, flips or d4 (and true/false, as before: flips/none), as a form field or in the query."""
+    crop = em[:160, :224]
+    data = encode(crop, "PNG")
+    masks = {}
+    for level in ("none", "flips", "d4"):
+        masks[level] = local.predict(crop, local.options.replace(tile=128, tta=level)).mask
+        raw = httpx.post(f"{server.url}/segment?tile=128&tta={level}", content=data, timeout=120)
+        assert raw.status_code == 200, raw.text
+        np.testing.assert_array_equal(mask_of(raw.content), masks[level])
+        assert post(server.url, data, tile=128, tta=level).content == raw.content
+    assert not np.array_equal(masks["flips"], masks["d4"])
+    for old, level in ((True, "flips"), (False, "none")):
+        np.testing.assert_array_equal(mask_of(post(server.url, data, tile=128, tta=old).content), masks[level])
+    for bad in ("d8", "0", "1", "yes", "True", "FLIPS", ""):
+        for response in (
+            httpx.post(f"{server.url}/segment_json?tta={bad}", content=data, timeout=30),
+            httpx.post(server.url + "/overlay", files={"image": ("a.png", data)}, data={"tta": bad}, timeout=30),
+        ):
+            assert response.status_code == 400, (bad, response.text)
+            assert response.json() == {"error": "tta: Input should be none, flips, d4, true or false"}
+    assert httpx.post(server.url + "/info", json={}).json()["limits"]["tta"] == ["none", "flips", "d4"]
+    spec = httpx.get(server.url + "/docs.json").text
+    assert '"enum": ["none", "flips", "d4"]' in spec and "d4 (8: rotations and flips)" in spec
+
+
 def test_bentoml_sync_client(server, local, em_mask, tmp_path):
     import bentoml
 
