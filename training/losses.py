@@ -44,7 +44,8 @@ def build_loss(
             raise ValueError("class_weights auto needs the class names")
         class_weights = median_frequency_weights(masks, len(classes), ignore_index)
         if log is not None:
-            log("class weights (median frequency): " + ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, class_weights)))
+            named = ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, class_weights))
+            log(f"class weights (median frequency): {named}")
     elif class_weights is not None and classes is not None and len(class_weights) != len(classes):
         raise ConfigError(
             f"train.class_weights: {len(class_weights)} weights for {len(classes)} classes ({', '.join(classes)})"
@@ -133,7 +134,8 @@ class Sum(nn.Module):
         self.losses = nn.ModuleList(losses)
 
     def forward(self, logits, target, *pixel_weights):
-        return sum(
-            loss(logits, target, *pixel_weights) if getattr(loss, "takes_pixel_weights", False) else loss(logits, target)
-            for loss in self.losses
-        )
+        total = 0
+        for loss in self.losses:
+            takes = getattr(loss, "takes_pixel_weights", False)
+            total = total + (loss(logits, target, *pixel_weights) if takes else loss(logits, target))
+        return total
