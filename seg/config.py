@@ -140,6 +140,8 @@ class OutputConfig(Section):
     tile_size: int = 512
     overlap: float = 0.25
     overlays: int = Field(4, ge=0)
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    mlflow_uri: str | None = None
 
     @field_validator("tile_size", "overlap")
     @classmethod
