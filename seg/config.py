@@ -98,6 +98,12 @@ class BorderWeight(Section):
     sigma: float = Field(5.0, gt=0)
 
 
+class EMAConfig(Section):
+    """An exponential moving average of the weights, for validation, checkpoints and export."""
+
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
 class TrainConfig(Section):
     epochs: int = Field(50, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0)
@@ -117,9 +123,21 @@ class TrainConfig(Section):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
     num_workers: int = Field(0, ge=0)
-    val_every: int = Field(1, ge=1)
+    val_every: int | None = Field(None, ge=1)
+    val_every_steps: int | None = Field(None, ge=1)
+    val_every_minutes: float | None = Field(None, gt=0)
+    patience: int | None = Field(None, ge=1)
+    accumulate: int = Field(1, ge=1)
+    ema: EMAConfig | None = None
     metric: Literal["miou", "dice", "pixel_accuracy", "loss"] = "miou"
     threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_cadence(self):
+        keys = [k for k in ("val_every", "val_every_steps", "val_every_minutes") if getattr(self, k) is not None]
+        if len(keys) > 1:
+            raise ValueError(f"set one of val_every, val_every_steps, val_every_minutes, not {' and '.join(keys)}")
+        return self
 
     @field_validator("border_weight", "class_weights")
     @classmethod

@@ -1,7 +1,13 @@
 """Hooks into `seg train`'s loop: the Trainer calls each callback's methods in order.
 
 A callback reads the trainer's state (`trainer.step`, `trainer.epoch`, `trainer.history`, `trainer.model`,
-`trainer.run_dir`) and may set `trainer.stop = True` to end the run after the current step.
+`trainer.run_dir`) and may set `trainer.stop = True` to end the run after the current step (it then
+validates and checkpoints once more).
+
+The built-in ones come first in `trainer.callbacks`: `EMA` (with train.ema), `Checkpoint`, `MetricsCSV` and
+`EarlyStopping` (with train.patience). So after a validation the checkpoints are written (each one's
+`on_checkpoint` reaching every callback) before metrics.csv, and both before later callbacks see
+`on_validation`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from training.train import Trainer
 
 
@@ -33,3 +41,72 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last step and the final checkpoint."""
+
+
+class Checkpoint(Callback):
+    """After each validation: checkpoints/last.pt (all that resume needs), and best.pt (the model, no
+    optimiser state) when `train.metric` improved."""
+
+    def on_validation(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        trainer.save("last", trainer.state())
+        if trainer.improved:
+            trainer.save("best", trainer.model_state())
+
+
+class MetricsCSV(Callback):
+    """metrics.csv: one row per validation, rewritten whole (atomically) each time."""
+
+    def on_validation(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        import csv
+
+        from seg.imageio import atomic_path
+
+        keys: list[str] = []
+        for item in trainer.history:
+            keys += [k for k in item if k not in keys]
+        with atomic_path(trainer.run_dir / "metrics.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(trainer.history)
+
+
+class EarlyStopping(Callback):
+    """Stops the run after `patience` validations without an improvement of `train.metric`."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.on_validation(trainer, {})  # a resumed run that had stopped stays stopped
+
+    def on_validation(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        waited = sum(1 for item in trainer.history if item["step"] > trainer.best_step)
+        if waited >= self.patience and not trainer.stop:
+            trainer.stop = True
+            trainer.log(f"stopping early: {trainer.cfg.train.metric} has not improved for {waited} validations")
+
+
+class EMA(Callback):
+    """An exponential moving average of the weights after each optimiser step (torch's AveragedModel, buffers
+    included); `module` is the averaged model that validation, checkpoints and export use."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    @property
+    def updates(self) -> int:
+        return int(self.averaged.n_averaged)
+
+    def load(self, state: dict[str, Any], updates: int) -> None:
+        self.module.load_state_dict(state)
+        self.averaged.n_averaged.fill_(updates)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.averaged.update_parameters(trainer.model)

@@ -1,14 +1,15 @@
 """`seg train`: fit a model from one config file into a run folder.
 
 The run folder holds config.yaml (resolved), checkpoints/{last,best}.pt, metrics.csv, metrics.png and
-overlays/*.png. Every epoch reseeds from (seed, epoch), so a run resumed from its last checkpoint ends
-exactly where an unbroken run with the same seed ends. The learning rate is a pure function of the
-run's progress (steps done, or time spent against a time limit), so the schedule needs no state of its own.
+overlays/*.png. One data loader serves the whole run; each sample's order and augmentation seed come from
+(seed, epoch, position), so a run resumed from its last checkpoint ends exactly where an unbroken run with
+the same seed ends. The learning rate is a pure function of the run's progress (optimiser steps done, or
+time spent against a time limit), so the schedule needs no state of its own. Checkpoints, metrics.csv, the
+weights' moving average and early stopping hang on the hooks of `training.callbacks`.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 import yaml
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from seg.config import Config, config_to_dict
 from seg.data import check_samples, find_samples
@@ -30,6 +31,7 @@ from seg.metrics import ConfusionMatrix
 from seg.models import build_model
 from seg.progress import Progress
 from seg.predictor import Predictor
+from training.callbacks import EMA, Callback, Checkpoint, EarlyStopping, MetricsCSV
 from training.checkpoint import load_checkpoint, model_info, model_state, rng_state, save_checkpoint, set_rng_state
 from training.data import SegmentationDataset, build_augmentation
 from training.losses import build_loss
@@ -75,10 +77,86 @@ def lr_factor(cfg: Config, progress: float, epoch_float: float) -> float:
     return 1.0
 
 
-class Trainer:
-    """Owns one run: data, model, optimiser, the loop, checkpoints and the run folder's files."""
+def validation_interval(cfg: Config, steps_per_epoch: int, total_steps: int) -> int:
+    """Optimiser steps between validations: `val_every_steps`, `val_every` epochs, or by default
+    max(1 epoch, min(200 steps, a twentieth of the run))."""
+    t = cfg.train
+    if t.val_every_steps:
+        return t.val_every_steps
+    if t.val_every:
+        return t.val_every * steps_per_epoch
+    return max(steps_per_epoch, min(200, total_steps // 20))
 
-    def __init__(self, cfg: Config, resume: bool = False, console: Console | None = None):
+
+class SeededSampler(Sampler):
+    """The run's training samples from optimiser step `start` on, as (index, seed) pairs, `per_step` a step.
+
+    Epoch e's order (reshuffled passes over the data) and each sample's augmentation seed are drawn from
+    (seed, e), so the same step sees the same crops whether or not the run was resumed in between.
+    """
+
+    def __init__(self, size: int, per_step: int, steps_per_epoch: int, total_steps: int, seed: int, start: int = 0):
+        self.size, self.per_step, self.steps_per_epoch = size, per_step, steps_per_epoch
+        self.total_steps, self.seed, self.start = total_steps, seed % 2**32, start
+
+    def __len__(self) -> int:
+        return max(self.total_steps - self.start, 0) * self.per_step
+
+    def __iter__(self):
+        epoch, count = -1, self.steps_per_epoch * self.per_step
+        for step in range(self.start, self.total_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                rng = np.random.default_rng([self.seed, epoch])
+                order = np.concatenate([rng.permutation(self.size) for _ in range(-(-count // self.size))])
+                seeds = rng.integers(0, 2**32, count)
+            first = step % self.steps_per_epoch * self.per_step
+            for i in range(first, first + self.per_step):
+                yield int(order[i]), int(seeds[i])
+
+
+class SeededSamples(Dataset):
+    """`dataset[index]` with its augmentation seeded first; items are `SeededSampler`'s (index, seed) pairs,
+    so loader processes need no seeding of their own."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        if self.dataset.transform is not None:
+            self.dataset.transform.set_random_seed(seed)
+        return self.dataset[index]
+
+
+class Meter:
+    """Training loss, images and seconds summed since the last `take`."""
+
+    def __init__(self):
+        self.loss, self.steps, self.images, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, images: int, seconds: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+
+    def take(self) -> tuple[float, float]:
+        """(mean loss, images/s), and start over."""
+        figures = self.loss / max(self.steps, 1), self.images / max(self.seconds, 1e-9)
+        self.__init__()
+        return figures
+
+
+class Trainer:
+    """Owns one run: data, model, optimiser, the loop, checkpoints and the run folder's files.
+
+    `callbacks` run after the built-in ones (see `training.callbacks`)."""
+
+    def __init__(
+        self, cfg: Config, resume: bool = False, console: Console | None = None, callbacks: list[Callback] | None = None
+    ):
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         self.run_dir = Path(cfg.output.dir)
@@ -110,11 +188,21 @@ class Trainer:
         )
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(self.train_set) // cfg.train.batch_size)
-        self.epoch = 0
-        self.elapsed = 0.0
+        t = cfg.train
+        self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_set) // (t.batch_size * t.accumulate))
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.val_interval = validation_interval(cfg, self.steps_per_epoch, self.total_steps)
+        self.step = 0  # optimiser steps done
+        self.elapsed = 0.0  # seconds spent in training steps
         self.best: float | None = None
+        self.best_step = 0
+        self.improved = False  # whether the latest validation improved `best`
+        self.stop = False
         self.history: list[dict[str, Any]] = []
+        self.ema = EMA(self.model, t.ema.decay) if t.ema else None
+        self.callbacks: list[Callback] = [self.ema] if self.ema else []
+        self.callbacks += [Checkpoint(), MetricsCSV()] + ([EarlyStopping(t.patience)] if t.patience else [])
+        self.callbacks += callbacks or []
         if resume and last.exists():
             self._restore(load_checkpoint(last))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,93 +214,140 @@ class Trainer:
         self.console.print(message, highlight=False, soft_wrap=True)
 
     # -- the loop ------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epochs done."""
+        return self.step // self.steps_per_epoch
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that validation, checkpoints and export use: their moving average with train.ema."""
+        return self.ema.module if self.ema else self.model
+
+    def call(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args, **kwargs)
+
     def fit(self) -> Path:
         t = self.cfg.train
         budget = t.time_limit_minutes * 60 if t.time_limit_minutes else None
         self.log(
             f"training {self.cfg.model.arch}/{self.cfg.model.encoder} on {self.device.type}"
             f"{' with ' + str(self.amp).split('.')[-1] if self.amp else ''}: epochs {self.epoch + 1}..{t.epochs},"
-            f" {self.steps_per_epoch} steps of {t.batch_size}"
+            f" {self.steps_per_epoch} steps of {t.batch_size}" + (f"x{t.accumulate}" if t.accumulate > 1 else "")
             + (f", time limit {t.time_limit_minutes:g} min" if budget else "")
+        )  # fmt: skip
+        sampler = SeededSampler(
+            len(self.train_set), t.batch_size * t.accumulate, self.steps_per_epoch, self.total_steps, t.seed, self.step
         )
-        while self.epoch < t.epochs:
+        loader = DataLoader(
+            SeededSamples(self.train_set), batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=t.num_workers > 0,
+            generator=torch.Generator().manual_seed(t.seed),  # leaves the global generator alone
+        )  # fmt: skip
+        batches = iter(loader)  # one pass covers the whole run: workers start once
+        since_row, since_epoch = Meter(), Meter()
+        self.call("on_train_start")
+        bar = None
+        while self.step < self.total_steps and not self.stop:
             if budget is not None and self.elapsed >= budget:
-                self.log(f"time limit reached after {self.epoch} epochs")
+                self.log(f"time limit reached after {self.step} steps")
                 break
+            if bar is None:
+                bar = Progress(
+                    self.console, f"epoch {self.epoch + 1}/{t.epochs}", self.steps_per_epoch,
+                    "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s", loss=float("nan"), rate=0.0,
+                ).start()  # fmt: skip
+                bar.advance(self.step % self.steps_per_epoch, loss=float("nan"), rate=0.0)
             start = time.perf_counter()
-            train_loss, images = self._train_epoch(budget)
+            loss, images = self._train_step(batches, budget)
             seconds = time.perf_counter() - start
             self.elapsed += seconds
-            self.epoch += 1
-            row: dict[str, Any] = {
-                "epoch": self.epoch,
-                "train_loss": train_loss,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "images_per_s": images / max(seconds, 1e-9),
-                "seconds": round(self.elapsed, 2),
-            }
-            if self.val_samples and (self.epoch % t.val_every == 0 or self.epoch == t.epochs):
-                row.update(self.validate())
-            self.history.append(row)
-            improved = self._is_best(row)
-            self._save(improved)
-            self._write_metrics()
-            self.log(_epoch_line(row, t.epochs, improved))
+            self.step += 1
+            since_row.add(loss, images, seconds)
+            since_epoch.add(loss, images, seconds)
+            bar.advance(loss=since_epoch.loss / since_epoch.steps, rate=since_epoch.images / since_epoch.seconds)
+            self.call("on_step_end")
+            if self.step % self.steps_per_epoch == 0:
+                bar.stop()
+                bar = None
+                loss, _ = since_epoch.take()
+                row = {"epoch": self.epoch, "step": self.step, "train_loss": loss, "lr": self.lr}
+                self.call("on_epoch_end", {**row, "seconds": self.elapsed})
+            if self._validation_due():
+                self._validate(since_row)
+        if bar is not None:
+            bar.stop()
+        if not self.history or self.history[-1]["step"] < self.step:
+            self._validate(since_row)  # at the end, a time limit or a stop
+        del batches, loader
+        self.call("on_train_end")
         self.finish()
         return self.run_dir
 
-    def _train_epoch(self, budget: float | None) -> tuple[float, int]:
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _validation_due(self) -> bool:
+        minutes = self.cfg.train.val_every_minutes
+        if minutes:
+            last = self.history[-1]["seconds"] if self.history else 0.0
+            return self.elapsed - last >= minutes * 60
+        return self.step % self.val_interval == 0
+
+    def _train_step(self, batches, budget: float | None) -> tuple[float, int]:
+        """One optimiser step over `train.accumulate` batches: (their mean loss, images)."""
         t = self.cfg.train
-        seed = t.seed * 100_003 + self.epoch
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        self.augment.set_random_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(self.train_set, num_samples=self.steps_per_epoch * t.batch_size, generator=generator)
-        loader = DataLoader(
-            self.train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-            drop_last=True, pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
+        progress = self.step / self.total_steps
+        if budget:
+            progress = max(progress, self.elapsed / budget)
+        factor = lr_factor(self.cfg, progress, self.step / self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = t.lr * factor
         self.model.train()
-        total, count, images = 0.0, 0, 0
-        epoch_start = time.perf_counter()
-        bar = Progress(
-            self.console, f"epoch {self.epoch + 1}/{t.epochs}", self.steps_per_epoch,
-            "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s", loss=float("nan"), rate=0.0,
-        ).start()  # fmt: skip
-        for step, (x, y, *extra) in enumerate(loader):
+        self.optimizer.zero_grad(set_to_none=True)
+        total, images = 0.0, 0
+        for _ in range(t.accumulate):
+            x, y, *extra = next(batches)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             extra = [e.to(self.device, non_blocking=True) for e in extra]  # e.g. per-pixel loss weights
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            total_steps = t.epochs * self.steps_per_epoch
-            progress = (self.epoch * self.steps_per_epoch + step) / total_steps
-            if budget:
-                progress = max(progress, (self.elapsed + time.perf_counter() - epoch_start) / budget)
-            factor = lr_factor(self.cfg, progress, self.epoch + step / self.steps_per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = t.lr * factor
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 loss = self.loss_fn(self.model(x), y, *extra)
             if not torch.isfinite(loss):
                 raise SegError(f"loss became {loss.item()} at epoch {self.epoch + 1}; lower train.lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.scaler.scale(loss / t.accumulate).backward()
             total += loss.item()
-            count += 1
             images += x.shape[0]
-            bar.advance(loss=total / count, rate=images / max(time.perf_counter() - epoch_start, 1e-9))
-        bar.stop()
-        return total / max(count, 1), images
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total / t.accumulate, images
+
+    def _validate(self, since: Meter) -> None:
+        """A row for metrics.csv: the training figures since the last row, and validation metrics."""
+        loss, rate = since.take()
+        row: dict[str, Any] = {
+            "epoch": -(-self.step // self.steps_per_epoch),  # the epoch this step belongs to, from 1
+            "step": self.step,
+            "train_loss": loss,
+            "lr": self.lr,
+            "images_per_s": rate,
+            "seconds": round(self.elapsed, 2),
+        }
+        if self.val_samples:
+            row.update(self.validate())
+        self.history.append(row)
+        self.improved = self._is_best(row)
+        self.call("on_validation", row)
+        self.log(_epoch_line(row, self.cfg.train.epochs, self.improved))
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Whole validation images through the tiled predictor; metrics from one confusion matrix."""
-        self.model.eval()
+        self.eval_model.eval()
         data = self.cfg.data
         conf = ConfusionMatrix(data.num_classes, data.ignore_index)
         predictor = self.predictor()
@@ -234,11 +369,11 @@ class Trainer:
         return out
 
     def predictor(self) -> Predictor:
-        """The model as it is now, behind the one predictor (the config's normalisation and tiling)."""
+        """`eval_model` as it is now, behind the one predictor (the config's normalisation and tiling)."""
         from training.torch_runner import torch_predictor
 
-        info = model_info(self.model, self.model_kwargs, self.cfg, self.run_dir.name)
-        return torch_predictor(self.model, info, self.device, self.amp)
+        info = model_info(self.eval_model, self.model_kwargs, self.cfg, self.run_dir.name)
+        return torch_predictor(self.eval_model, info, self.device, self.amp)
 
     def _is_best(self, row: dict[str, Any]) -> bool:
         metric = self.cfg.train.metric
@@ -248,48 +383,54 @@ class Trainer:
             return False
         higher = HIGHER_IS_BETTER[metric] and key != "train_loss"
         if self.best is None or (value > self.best if higher else value < self.best):
-            self.best = value
+            self.best, self.best_step = value, self.step
             return True
         return False
 
     # -- state -----------------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def model_state(self) -> dict[str, Any]:
+        """What best.pt holds: `eval_model`'s weights as "model", `model_info`'s keys, the config and progress."""
         return {
-            **model_state(self.model, self.model_kwargs, self.cfg),
+            **model_state(self.eval_model, self.model_kwargs, self.cfg),
             "config": config_to_dict(self.cfg),
             "epoch": self.epoch,
+            "step": self.step,
             "elapsed": self.elapsed,
             "best": self.best,
+            "best_step": self.best_step,
             "history": self.history,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """What last.pt holds: `model_state` and what resume needs (with train.ema, "raw_model" is the
+        trained weights and "model" their average)."""
+        state = {
+            **self.model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
         }
+        if self.ema:
+            state.update(raw_model=self.model.state_dict(), ema_updates=self.ema.updates)
+        return state
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))
+        if self.ema:
+            self.ema.load(ckpt["model"], ckpt.get("ema_updates", 1))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        self.epoch, self.elapsed, self.best = ckpt["epoch"], ckpt["elapsed"], ckpt["best"]
+        self.step = ckpt.get("step", ckpt["epoch"] * self.steps_per_epoch)
+        self.elapsed, self.best, self.best_step = ckpt["elapsed"], ckpt["best"], ckpt.get("best_step", 0)
         self.history = list(ckpt["history"])
-        self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
+        self.log(f"resuming {self.run_dir} after step {self.step} (epoch {self.epoch})")
 
-    def _save(self, improved: bool) -> None:
-        state = self.state()
-        save_checkpoint(self.ckpt_dir / "last.pt", state)
-        if improved:
-            save_checkpoint(self.ckpt_dir / "best.pt", state)
-
-    def _write_metrics(self) -> None:
-        keys: list[str] = []
-        for row in self.history:
-            keys += [k for k in row if k not in keys]
-        with atomic_path(self.run_dir / "metrics.csv") as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(self.history)
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        """Write checkpoints/NAME.pt, then tell the callbacks."""
+        path = self.ckpt_dir / f"{name}.pt"
+        save_checkpoint(path, state)
+        self.call("on_checkpoint", path, best=name == "best")
 
     def finish(self) -> None:
         from training.report import plot_metrics, write_overlays
@@ -298,8 +439,8 @@ class Trainer:
         if self.val_samples and self.cfg.output.overlays:
             best = self.ckpt_dir / "best.pt"
             if best.exists():
-                self.model.load_state_dict(load_checkpoint(best)["model"])
-            self.model.eval()
+                self.eval_model.load_state_dict(load_checkpoint(best)["model"])
+            self.eval_model.eval()
             predictor = self.predictor()
             write_overlays(
                 self.val_samples, self.cfg.data, lambda image: predictor.predict(image).mask,
@@ -309,16 +450,19 @@ class Trainer:
 
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}", f"{row['images_per_s']:.1f} img/s"]
+    parts = [f"epoch {row['epoch']}/{epochs}", f"step {row['step']}", f"loss {row['train_loss']:.4f}"]
+    parts.append(f"{row['images_per_s']:.1f} img/s")
     for key in ("val_loss", "val_miou", "val_dice", "val_pixel_error"):
         if key in row:
             parts.append(f"{key.replace('_', ' ', 1)} {row[key]:.4f}")
     return "  ".join(parts) + ("  (best)" if improved else "")
 
 
-def train(cfg: Config, resume: bool = False, console: Console | None = None) -> Path:
+def train(
+    cfg: Config, resume: bool = False, console: Console | None = None, callbacks: list[Callback] | None = None
+) -> Path:
     """Train from a validated config; returns the run folder."""
-    return Trainer(cfg, resume=resume, console=console).fit()
+    return Trainer(cfg, resume=resume, console=console, callbacks=callbacks).fit()
 
 
 if __name__ == "__main__":  # pragma: no cover
