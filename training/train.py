@@ -34,6 +34,7 @@ from seg.predictor import Predictor
 from training.callbacks import EMA, Callback, Checkpoint, EarlyStopping, MetricsCSV
 from training.checkpoint import load_checkpoint, model_info, model_state, rng_state, save_checkpoint, set_rng_state
 from training.data import SegmentationDataset, build_augmentation
+from training.loggers import build_loggers
 from training.losses import build_loss
 
 HIGHER_IS_BETTER = {"miou": True, "dice": True, "pixel_accuracy": True, "loss": False}
@@ -203,6 +204,7 @@ class Trainer:
         self.callbacks: list[Callback] = [self.ema] if self.ema else []
         self.callbacks += [Checkpoint(), MetricsCSV()] + ([EarlyStopping(t.patience)] if t.patience else [])
         self.callbacks += callbacks or []
+        self.callbacks += build_loggers(cfg, self.run_dir)  # output.loggers, after the caller's
         if resume and last.exists():
             self._restore(load_checkpoint(last))
         self.run_dir.mkdir(parents=True, exist_ok=True)
