@@ -91,9 +91,14 @@ def test_train_writes_a_complete_run_folder_and_eval_reads_it(em_folder, tmp_pat
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
-def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path):
-    whole = write_config(tmp_path / "whole.yaml", em_folder, tmp_path / "whole", epochs=4)
-    broken = write_config(tmp_path / "broken.yaml", em_folder, tmp_path / "broken", epochs=4)
+@pytest.mark.parametrize(
+    "train",
+    [{}, {"num_workers": 1, "ema": {"decay": 0.9}, "steps_per_epoch": 3, "val_every_steps": 5}],  # resumes mid-epoch
+    ids=["per-epoch", "workers-ema-steps"],
+)
+def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path, train):
+    whole = write_config(tmp_path / "whole.yaml", em_folder, tmp_path / "whole", epochs=4, **train)
+    broken = write_config(tmp_path / "broken.yaml", em_folder, tmp_path / "broken", epochs=4, **train)
     assert seg("train", whole).returncode == 0
 
     env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "2"}
@@ -101,7 +106,7 @@ def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path):
     metrics = tmp_path / "broken" / "metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + 2 epochs
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + 2 validations
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -113,7 +118,7 @@ def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr
     a, b = last_row(tmp_path / "whole"), last_row(tmp_path / "broken")
-    assert a["epoch"] == b["epoch"] == "4"
+    assert a["epoch"] == b["epoch"] == "4" and a["step"] == b["step"]
     for key in ("train_loss", "val_loss", "val_miou", "val_pixel_error"):
         assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), key
 
