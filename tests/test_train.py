@@ -131,6 +131,9 @@ def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path, train):
         ({"model": {"arch": "segnet"}}, "model.arch:"),
         ({"data": {"root": "does/not/exist"}}, "data.root: no such folder"),
         ({"train": {"loss": "hinge"}}, "train.loss:"),
+        ({"train": {"val_every": 2, "val_every_steps": 50}}, "set one of val_every, val_every_steps"),
+        ({"train": {"accumulate": 0}}, "train.accumulate:"),
+        ({"train": {"ema": {"decay": 1.5}}}, "train.ema.decay:"),
     ],
 )
 def test_broken_config_is_one_line_naming_the_key(em_folder, tmp_path, edit, message):
