@@ -8,7 +8,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_train import em_folder, seg, seg_quick, write_config  # noqa: F401 (em_folder is a fixture)
+from conftest import em_crops
+from test_train import seg, seg_quick, write_config
+
+
+@pytest.fixture(scope="module")
+def em_folder(tmp_path_factory):
+    """Eight 96x128 crops of real ISBI slices with their 0/255 membrane masks."""
+    return em_crops(tmp_path_factory.mktemp("em"), 8, slice(100, 196), slice(50, 178))
 
 
 def with_loggers(path: Path, loggers: list[str]) -> Path:
@@ -30,7 +37,7 @@ def mlflow_run(run: Path):
     return client, client.get_run((run / "mlflow_run_id").read_text().strip())
 
 
-def test_train_logs_every_epoch_to_tensorboard_and_mlflow(em_folder, tmp_path):  # noqa: F811
+def test_train_logs_every_epoch_to_tensorboard_and_mlflow(em_folder, tmp_path):
     cfg = with_loggers(write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run"), ["tensorboard", "mlflow"])
     r = seg("train", cfg)
     assert r.returncode == 0, r.stderr
@@ -54,8 +61,9 @@ def test_train_logs_every_epoch_to_tensorboard_and_mlflow(em_folder, tmp_path): 
     assert {a.path for a in client.list_artifacts(found.info.run_id)} >= {"config.yaml", "metrics.csv"}
 
 
-def test_resume_continues_the_same_mlflow_run_and_appends_to_tensorboard(em_folder, tmp_path):  # noqa: F811
-    cfg = with_loggers(write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", epochs=2), ["tensorboard", "mlflow"])
+def test_resume_continues_the_same_mlflow_run_and_appends_to_tensorboard(em_folder, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", epochs=2)
+    cfg = with_loggers(cfg, ["tensorboard", "mlflow"])
     assert seg("train", cfg).returncode == 0
     run = tmp_path / "run"
     first = (run / "mlflow_run_id").read_text()
@@ -72,7 +80,9 @@ def test_resume_continues_the_same_mlflow_run_and_appends_to_tensorboard(em_fold
 
 
 @pytest.mark.parametrize("logger, module", [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow")])
-def test_a_missing_library_is_one_line_naming_the_extra_before_training(em_folder, tmp_path, monkeypatch, logger, module):  # noqa: F811
+def test_a_missing_library_is_one_line_naming_the_extra_before_training(
+    em_folder, tmp_path, monkeypatch, logger, module
+):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails
     cfg = with_loggers(write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run"), [logger])
     r = seg_quick("train", cfg)
@@ -83,7 +93,7 @@ def test_a_missing_library_is_one_line_naming_the_extra_before_training(em_folde
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_an_unknown_logger_is_a_config_error(em_folder, tmp_path):  # noqa: F811
+def test_an_unknown_logger_is_a_config_error(em_folder, tmp_path):
     cfg = with_loggers(write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run"), ["wandb"])
     r = seg_quick("train", cfg)
     assert r.returncode == 2 and "output.loggers.0:" in r.stderr

@@ -154,9 +154,10 @@ class MLflowLogger(Callback):
 
         name = self.run_dir.name
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(name, artifact_location=self.artifacts)
-        )
+        if experiment is None:
+            experiment_id = self.client.create_experiment(name, artifact_location=self.artifacts)
+        else:
+            experiment_id = experiment.experiment_id
         run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
         params = [Param(key, value[:6000]) for key, value in flatten(config_to_dict(self.cfg)).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
