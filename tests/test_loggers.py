@@ -37,46 +37,39 @@ def mlflow_run(run: Path):
     return client, client.get_run((run / "mlflow_run_id").read_text().strip())
 
 
-def test_train_logs_every_epoch_to_tensorboard_and_mlflow(em_folder, tmp_path):
-    cfg = with_loggers(write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run"), ["tensorboard", "mlflow"])
+def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_a_resume_continues_both(em_folder, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", epochs=2)
+    cfg = with_loggers(cfg, ["tensorboard", "mlflow"])
     r = seg("train", cfg)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     assert (run / "metrics.csv").is_file()
-
-    steps = scalars(run)  # 3 epochs of 2 steps
-    for tag in ("train_loss", "lr", "val_loss", "val_miou", "val_iou_membrane"):
-        assert steps[tag] == [2, 4, 6], tag
-
     client, found = mlflow_run(run)
     assert found.info.status == "FINISHED"
-    assert client.get_experiment(found.info.experiment_id).name == "run"
-    params = found.data.params
-    assert params["train.epochs"] == "3" and params["model.encoder"] == "resnet18"
-    assert params["data.root"] == str(em_folder)
-    history = client.get_metric_history(found.info.run_id, "val_miou")
-    assert [m.step for m in history] == [2, 4, 6]
-    assert all(0 <= m.value <= 1 for m in history)
-    assert found.data.tags["best_checkpoint"] == str(run / "checkpoints" / "best.pt")
-    assert {a.path for a in client.list_artifacts(found.info.run_id)} >= {"config.yaml", "metrics.csv"}
-
-
-def test_resume_continues_the_same_mlflow_run_and_appends_to_tensorboard(em_folder, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", epochs=2)
-    cfg = with_loggers(cfg, ["tensorboard", "mlflow"])
-    assert seg("train", cfg).returncode == 0
-    run = tmp_path / "run"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "train_loss")] == [2, 4]
     first = (run / "mlflow_run_id").read_text()
 
     r = seg("train", cfg, "--resume", "--set", "train.epochs=3")
     assert r.returncode == 0, r.stderr
+    steps = scalars(run)  # 3 epochs of 2 steps, in two event files
+    for tag in ("train_loss", "lr", "val_loss", "val_miou", "val_iou_membrane"):
+        assert steps[tag] == [2, 4, 6], tag
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
     assert (run / "mlflow_run_id").read_text() == first
     client, found = mlflow_run(run)
     assert found.info.status == "FINISHED"
     assert len(client.search_runs([found.info.experiment_id])) == 1
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "train_loss")] == [2, 4, 6]
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
-    assert scalars(run)["train_loss"] == [2, 4, 6]
+    assert client.get_experiment(found.info.experiment_id).name == "run"
+    params = found.data.params  # as the run started
+    assert params["train.epochs"] == "2" and params["model.encoder"] == "resnet18"
+    assert params["data.root"] == str(em_folder)
+    for key in ("train_loss", "val_miou"):
+        history = client.get_metric_history(found.info.run_id, key)
+        assert [m.step for m in history] == [2, 4, 6], key
+    assert all(0 <= m.value <= 1 for m in history)
+    assert found.data.tags["best_checkpoint"] == str(run / "checkpoints" / "best.pt")
+    assert {a.path for a in client.list_artifacts(found.info.run_id)} >= {"config.yaml", "metrics.csv"}
 
 
 @pytest.mark.parametrize("logger, module", [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow")])
