@@ -52,7 +52,7 @@ def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_a_resume_continues
     r = seg("train", cfg, "--resume", "--set", "train.epochs=3")
     assert r.returncode == 0, r.stderr
     steps = scalars(run)  # 3 epochs of 2 steps, in two event files
-    for tag in ("train_loss", "lr", "val_loss", "val_miou", "val_iou_membrane"):
+    for tag in ("train_loss", "lr", "images_per_s", "val_loss", "val_miou", "val_iou_membrane"):
         assert steps[tag] == [2, 4, 6], tag
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
 

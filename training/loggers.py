@@ -60,10 +60,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def _scalars(row: dict[str, Any], validation: bool) -> dict[str, float]:
-    """The numeric columns of a metrics row: val_* ones for a validation, the others for an epoch."""
+    """The numeric columns of a row: for a validation its val_* ones and images_per_s, else the epoch's."""
     return {
         key: float(value) for key, value in row.items()
-        if key != "step" and key.startswith("val_") == validation
+        if key != "step" and (key.startswith("val_") or key == "images_per_s") == validation
         and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     }  # fmt: skip
 
