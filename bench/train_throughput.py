@@ -1,82 +1,42 @@
-"""Images/s of seg's trainer against a bare smp training loop: same model, data, batch, loss, optimiser.
+"""Wall time per step of a whole `seg train` run on the config template against the bare smp loop.
 
-Both run in this process, alternating rounds so that machine noise hits them alike. The trainer's
-overhead is (bare rate / trainer rate - 1).
+16 generated RGB images (bench/make_data.py's `blobs`, the size of a small user data set); `seg train` on
+configs/custom_folder.yaml (validation on its held-out fifth every epoch, checkpoints, overlays: the whole
+run) and bench/bare_loop.py, same encoder, crop, batch and number of steps, one after the other as child
+processes. The bare loop's time leaves out its test prediction; `seg eval` is not counted either.
 
-    python bench/train_throughput.py [--rounds 3] [--steps 10]
+    python bench/train_throughput.py [--steps 20] [--encoder resnet34]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from torch.utils.data import DataLoader, RandomSampler
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from seg.config import load_config  # noqa: E402
-from seg.models import build_model  # noqa: E402
-from training.losses import build_loss  # noqa: E402
-from training.train import Trainer  # noqa: E402
-
-
-def bare_loop(trainer: Trainer, steps: int) -> float:
-    """The textbook loop on the trainer's own dataset: returns images/s."""
-    cfg = trainer.cfg
-    model = build_model(**trainer.model_kwargs)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loss_fn = build_loss(cfg.train.loss, cfg.data.ignore_index)
-    sampler = RandomSampler(trainer.train_set, num_samples=steps * cfg.train.batch_size)
-    loader = DataLoader(trainer.train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True)
-    start = time.perf_counter()
-    images = 0
-    for x, y in loader:
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        images += x.shape[0]
-    return images / (time.perf_counter() - start)
-
-
-def trainer_epoch(trainer: Trainer) -> float:
-    start = time.perf_counter()
-    _, images = trainer._train_epoch(None)
-    trainer.epoch += 1
-    return images / (time.perf_counter() - start)
+from accuracy import compare  # noqa: E402
+from make_data import DEFAULT_OUT, make_set  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "unet_isbi2012.yaml"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--images", type=int, default=16)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(args.config, [f"output.dir={tmp}", f"train.steps_per_epoch={args.steps}", "train.epochs=1000"])
-        trainer = Trainer(cfg, console=Console(stderr=True, quiet=True))
-        bare_loop(trainer, 2)  # warm-up both paths
-        trainer_epoch(trainer)
-        ours, bare = [], []
-        for _ in range(args.rounds):
-            ours.append(trainer_epoch(trainer))
-            bare.append(bare_loop(trainer, args.steps))
-    o, b = statistics.median(ours), statistics.median(bare)
-    print(f"model {cfg.model.arch}/{cfg.model.encoder}, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, "
-          f"{args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} threads")
-    print(f"{'loop':<12}{'images/s (median)':>20}{'rounds':>40}")
-    print(f"{'seg train':<12}{o:>20.2f}{'  '.join(f'{v:.2f}' for v in ours):>40}")
-    print(f"{'bare smp':<12}{b:>20.2f}{'  '.join(f'{v:.2f}' for v in bare):>40}")
-    print(f"trainer overhead: {100 * (b / o - 1):+.1f}%")
+    root = make_set(DEFAULT_OUT / f"throughput{args.images}", "blobs", train=args.images, test=1)
+    with tempfile.TemporaryDirectory(prefix="seg_throughput_") as tmp:
+        r = compare("blobs", root, args.steps, args.encoder, Path(tmp), [])
+    s, b = r["seg"], r["bare"]
+    print(f"{args.images} images, {args.encoder}, {args.steps} steps of 8 ({' '.join(r['overrides'])})")
+    print(f"{'loop':<12}{'wall s':>10}{'s/step':>10}")
+    print(f"{'seg train':<12}{s['train_seconds']:>10.1f}{s['s_per_step']:>10.2f}")
+    print(f"{'bare smp':<12}{b['train_seconds']:>10.1f}{b['s_per_step']:>10.2f}")
+    print(f"seg train / bare: {s['train_seconds'] / max(b['train_seconds'], 1e-9):.2f}x")
 
 
 if __name__ == "__main__":
