@@ -30,7 +30,7 @@ import numpy as np
 from seg.errors import ImageError
 from seg.imageio import display_range, is_tiff, overlay, to_channels, to_display_rgb
 from seg.modelinfo import ModelInfo
-from seg.preprocess import intensity_range, normalize
+from seg.preprocess import effective_mode, intensity_range, normalize
 from seg.runtime import create_session, describe_provider, onnx_runner, read_model_info
 from seg.sources import ArraySource, ImageSource, TiffSource, open_image
 from seg.tiling import Runner, TilingOptions, predict_tiled, tile_grid
@@ -354,7 +354,7 @@ class Predictor:
     def _row_reader(self, source: "ImageSource") -> Callable[[int, int], np.ndarray]:
         """Normalised (C, rows, W) float32 rows of `source`, with one value range for the whole image."""
         norm, channels = self.info.normalize, self.info.in_channels
-        if norm.mode == "fixed":
+        if effective_mode(norm, source.dtype) == "fixed":
             value_range = intensity_range(np.zeros((1, 1), source.dtype), norm)
         else:
             value_range = intensity_range(to_channels(source.sample(), channels), norm)

@@ -4,7 +4,9 @@ A `Normalization` is plain data (it travels inside checkpoints and ONNX metadata
 - mode "fixed": scale by the dtype's range (255 for 8-bit, 65535 for 16-bit) to [0, 1], then
   (x - mean) / std per channel;
 - mode "percentile": map the image's own `low`..`high` percentiles to 0..1 (clipped), then the same
-  mean/std. For a huge image the percentiles come from a subsample, so the map stays pointwise.
+  mean/std. For a huge image the percentiles come from a subsample, so the map stays pointwise;
+- mode "auto": fixed for 8-bit images (photographs, most EM), percentile for 16-bit and float ones
+  (microscopy, whose used range is rarely the dtype's).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Normalization(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["fixed", "percentile"] = "fixed"
+    mode: Literal["fixed", "percentile", "auto"] = "fixed"
     mean: list[float] = Field(default_factory=lambda: [0.5])
     std: list[float] = Field(default_factory=lambda: [0.25])
     low: float = Field(1.0, ge=0, le=100, description="lower percentile (percentile mode)")
@@ -32,6 +34,13 @@ def dtype_scale(dtype: np.dtype) -> float:
     return 1.0
 
 
+def effective_mode(norm: Normalization, dtype: np.dtype) -> str:
+    """"fixed" or "percentile": what `norm` does to an image of `dtype`."""
+    if norm.mode != "auto":
+        return norm.mode
+    return "fixed" if np.dtype(dtype).itemsize == 1 else "percentile"
+
+
 def sample_step(height: int, width: int, max_pixels: int = 4_000_000) -> int:
     """The row and column step of a percentile sample of about `max_pixels` pixels (every predictor and
     training take their samples with it, so a checkpoint and its export normalise an image alike)."""
@@ -40,7 +49,7 @@ def sample_step(height: int, width: int, max_pixels: int = 4_000_000) -> int:
 
 def intensity_range(image: np.ndarray, norm: Normalization, max_samples: int = 4_000_000) -> tuple[float, float]:
     """The (low, high) input values that map to 0 and 1, before mean/std."""
-    if norm.mode == "fixed":
+    if effective_mode(norm, image.dtype) == "fixed":
         return 0.0, dtype_scale(image.dtype)
     step = sample_step(image.shape[0], image.shape[1], max_samples)
     sample = np.asarray(image[::step, ::step], dtype=np.float32)
@@ -55,7 +64,7 @@ def normalize(
     lo, hi = value_range if value_range is not None else intensity_range(image, norm)
     x = image.astype(np.float32)
     x = (x - lo) * (1.0 / (hi - lo))
-    if norm.mode == "percentile":
+    if effective_mode(norm, image.dtype) == "percentile":
         np.clip(x, 0.0, 1.0, out=x)
     channels = x.shape[2]
     mean = _per_channel(norm.mean, channels)

@@ -145,6 +145,22 @@ def test_percentile_normalisation_same_in_memory_and_from_file(conv_onnx_factory
         assert np.array_equal(tifffile.imread(tmp_path / f"{name}.mask.tif"), expected), name
 
 
+def test_auto_normalisation_is_fixed_for_8_bit_and_percentile_for_16_bit(conv_onnx_factory, tmp_path, em_image):
+    """The template's mode: 8-bit images keep their absolute brightness, 16-bit ones are stretched."""
+    base = {"low": 1.0, "high": 99.0, "mean": [0.5], "std": [0.25]}
+    models = {mode: Predictor.from_onnx(conv_onnx_factory(normalize={"mode": mode, **base}), device="cpu")
+              for mode in ("auto", "fixed", "percentile")}  # fmt: skip
+    dim16 = (em_image.astype(np.uint16) * 4 + 1000)  # a 12-bit camera's range inside 16 bits
+    probs = {(mode, name): m.predict(img, probabilities=True).probabilities
+             for mode, m in models.items() for name, img in (("8", em_image), ("16", dim16))}  # fmt: skip
+    np.testing.assert_array_equal(probs["auto", "8"], probs["fixed", "8"])
+    np.testing.assert_array_equal(probs["auto", "16"], probs["percentile", "16"])
+    assert not np.allclose(probs["auto", "16"], probs["fixed", "16"], atol=1e-3)
+    tifffile.imwrite(tmp_path / "dim.tif", dim16, rowsperstrip=16)
+    models["auto"].predict_file(tmp_path / "dim.tif", tmp_path / "dim_mask.tif")
+    assert np.array_equal(tifffile.imread(tmp_path / "dim_mask.tif"), models["auto"].predict(dim16).mask)
+
+
 def test_flip_tta_runs_four_flips_per_tile(conv_onnx, em_image):
     calls = {"plain": 0, "tta": 0}
     for mode in calls:

@@ -130,12 +130,20 @@ def build_augmentation(data: DataConfig, seed: int = 0):
             A.ElasticTransform(alpha=30, sigma=5, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
         ]
-    elif data.augment == "default":
+    elif data.augment == "default" and data.format == "voc":
         steps = [
             A.RandomScale(scale_limit=(-0.5, 1.0), p=1.0),
             A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=data.ignore_index),
             A.RandomCrop(size, size),
             A.HorizontalFlip(),
+        ]
+    elif data.augment == "default":  # photographs and RGB microscopy of a user's own: milder, as few steps
+        steps = [
+            A.RandomScale(scale_limit=(-0.2, 0.25), p=0.5),
+            A.PadIfNeeded(size, size, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(size, size),
+            A.HorizontalFlip(),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
         ]
     else:
         steps = []

@@ -80,13 +80,13 @@ def lr_factor(cfg: Config, progress: float, epoch_float: float) -> float:
 
 def validation_interval(cfg: Config, steps_per_epoch: int, total_steps: int) -> int:
     """Optimiser steps between validations: `val_every_steps`, `val_every` epochs, or by default
-    max(1 epoch, min(200 steps, a twentieth of the run))."""
+    max(1 epoch, min(200 steps, a tenth of the run))."""
     t = cfg.train
     if t.val_every_steps:
         return t.val_every_steps
     if t.val_every:
         return t.val_every * steps_per_epoch
-    return max(steps_per_epoch, min(200, total_steps // 20))
+    return max(steps_per_epoch, min(200, total_steps // 10))
 
 
 class SeededSampler(Sampler):
