@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from seg.errors import SegError
 
@@ -43,7 +44,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SegError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as e:
             if e.name is None or e.name.split(".")[0] not in TRAIN_MODULES:

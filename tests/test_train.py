@@ -156,6 +156,8 @@ def test_set_overrides_are_validated_too(em_folder, tmp_path):
     assert r.returncode == 2 and "key=value" in r.stderr
     r = seg_quick("train", tmp_path / "missing.yaml")
     assert r.returncode == 2 and "no such config file" in r.stderr
+    r = seg_quick("train", tmp_path / "[bold]runs[1].yaml")  # printed as it is, not read as markup
+    assert r.returncode == 2 and f"{tmp_path}/[bold]runs[1].yaml: no such config file" in r.stderr
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     r = seg_quick("train", tmp_path / "bad.yaml")
     assert r.returncode == 2 and "not valid YAML" in r.stderr

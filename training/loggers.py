@@ -26,7 +26,7 @@ from training.callbacks import Callback
 if TYPE_CHECKING:
     from training.train import Trainer
 
-EXTRA = "pip install 'seg\\[loggers]'"  # the CLI prints errors as rich markup, where [loggers] is a tag
+EXTRA = "pip install 'seg[loggers]'"
 MODULES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow"}
 RUN_ID_FILE = "mlflow_run_id"
 
