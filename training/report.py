@@ -14,7 +14,7 @@ from seg.imageio import atomic_path, colorize, overlay, to_display_rgb
 
 
 def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss (left) and validation metrics (right) per epoch, as a PNG."""
+    """Loss (left) and validation metrics (right) against optimiser steps (epochs for older runs), as a PNG."""
     if not history:
         return
     import matplotlib
@@ -22,20 +22,21 @@ def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
+    unit = "step" if all("step" in row for row in history) else "epoch"
+    epochs = [row[unit] for row in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (NLL)")):
         xs = [e for e, row in zip(epochs, history) if row.get(key) is not None]
         if xs:
             ax_loss.plot(xs, [row[key] for row in history if row.get(key) is not None], label=label)
-    ax_loss.set_xlabel("epoch")
+    ax_loss.set_xlabel(unit)
     ax_loss.set_yscale("log")
     ax_loss.legend()
     for key in ("val_miou", "val_dice", "val_pixel_accuracy"):
         xs = [e for e, row in zip(epochs, history) if row.get(key) is not None]
         if xs:
             ax_metric.plot(xs, [row[key] for row in history if row.get(key) is not None], label=key[4:])
-    ax_metric.set_xlabel("epoch")
+    ax_metric.set_xlabel(unit)
     ax_metric.set_ylim(0, 1)
     ax_metric.legend()
     fig.tight_layout()
