@@ -87,14 +87,27 @@ class EarlyStopping(Callback):
             trainer.log(f"stopping early: {trainer.cfg.train.metric} has not improved for {waited} validations")
 
 
+def ema_with_warmup(decay: float):
+    """AveragedModel's update for an EMA whose decay grows as min(decay, (1 + n) / (10 + n)) with the
+    updates n done: with a fixed decay the random initial weights keep decay**n of the average (22% after
+    150 steps at 0.99), which ruins it in runs of a few thousand steps."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    def update(averaged: list, current: list, updates) -> None:
+        n = float(updates)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, updates)
+
+    return update
+
+
 class EMA(Callback):
     """An exponential moving average of the weights after each optimiser step (torch's AveragedModel, buffers
     included); `module` is the averaged model that validation, checkpoints and export use."""
 
     def __init__(self, model: nn.Module, decay: float):
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged = AveragedModel(model, multi_avg_fn=ema_with_warmup(decay), use_buffers=True)
 
     @property
     def module(self) -> nn.Module:
