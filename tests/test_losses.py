@@ -164,7 +164,9 @@ def test_the_map_follows_crops_and_the_elastic_warp(tmp_path):
 
 
 def test_padding_with_the_ignore_index_has_weight_zero(tmp_path):
-    ds = em_dataset(tmp_path, "default", crop_size=160, kind="natural")  # scale, pad with ignore, crop
+    pad = [{"name": "PadIfNeeded", "min_height": 160, "min_width": 160, "border_mode": 0, "fill_mask": IGNORE},
+           {"name": "RandomCrop", "height": 160, "width": 160}]  # fmt: skip
+    ds = em_dataset(tmp_path, pad, crop_size=160)  # 96x80 padded with ignore to 160x160
     padded = 0
     for _ in range(6):
         _, y, w = ds[0]
