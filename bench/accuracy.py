@@ -85,8 +85,8 @@ def compare(name: str, root: Path, steps: int, encoder: str, tmp: Path, extra: l
     train_cmd = [str(BIN / "seg"), "train", str(config)] + [a for s in sets for a in ("--set", s)]
     seg_train = run(train_cmd, tmp / f"{name}_train.log")
     eval_json = tmp / f"{name}_eval.json"
-    seg_eval = run([str(BIN / "seg"), "eval", str(run_dir), "--data", str(root / "test"), "--out", str(eval_json)],
-                   tmp / f"{name}_eval.log")
+    seg_eval = run([str(BIN / "seg"), "eval", str(run_dir), "--data", str(root / "test"), "--tta", "none",
+                    "--out", str(eval_json)], tmp / f"{name}_eval.log")  # no TTA: the bare loop has none
     ours = json.loads(eval_json.read_text())
     bare_json = tmp / f"{name}_bare.json"
     bare_wall = run([sys.executable, str(ROOT / "bench" / "bare_loop.py"), str(root / "train"), str(root / "test"),

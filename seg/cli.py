@@ -86,7 +86,7 @@ def evaluate(
     split: str = typer.Option("val", help="With a config: 'val' or 'train'."),
     out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here (default: beside the model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips)."),
+    tta: str = typer.Option("auto", "--tta", help="Test-time augmentation: none, flips (4 runs per tile), d4 (8: rotations and flips) or auto (d4 on two-class EM data, else none)."),
 ):
     """Evaluate a model on labelled images: per-class IoU and Dice, mIoU, pixel accuracy (and the ISBI
     challenge's Rand error and variation of information on two-class EM data)."""

@@ -82,4 +82,15 @@ def test_other_data_has_no_em_figures(conv_onnx_factory, tmp_path):
     result = runner.invoke(app, ["eval", str(model), "--data", str(data), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "Rand error" not in result.output
-    assert not set(EM_KEYS) & set(json.loads(out.read_text()))
+    metrics = json.loads(out.read_text())
+    assert not set(EM_KEYS) & set(metrics)
+    assert metrics["tta"] == "none"  # auto: no TTA on other data
+
+
+def test_seg_eval_uses_d4_on_em_data_unless_told(tmp_path):
+    data = em_crops(tmp_path / "data", 1, slice(0, 128), slice(0, 128))
+    for args, level in (([], "d4"), (["--tta", "none"], "none"), (["--tta", "flips"], "flips")):
+        out = tmp_path / f"{level}.json"
+        result = runner.invoke(app, ["eval", str(BUNDLED), "--data", str(data), "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["tta"] == level
