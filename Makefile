@@ -25,6 +25,7 @@ bench: $(BIN)/seg
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/accuracy.py --steps 100
 
 container-smoke:
 	scripts/container-smoke.sh
