@@ -76,7 +76,7 @@ def test_train_writes_a_complete_run_folder_and_eval_reads_it(em_folder, tmp_pat
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["epochs"] == 3 and resolved["data"]["root"] == str(em_folder)
 
-    r = seg("eval", run, "--data", cfg, "--out", tmp_path / "eval.json")
+    r = seg("eval", run, "--data", cfg, "--tta", "none", "--out", tmp_path / "eval.json")  # as validation
     assert r.returncode == 0, r.stderr
     assert "membrane" in r.stdout and "pixel error" in r.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
