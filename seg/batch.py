@@ -16,6 +16,11 @@ same way (unless `force`); the others are predicted again. No output lands outsi
 glob is folded away (or the file name alone is used), and an image whose output path leads out through
 a symbolic link fails. An image that cannot be read is reported and skipped; the summary counts it as
 failed.
+
+With `num_parts=K, part_id=I` (the nnU-Net convention, for job arrays and one process per GPU) a run takes
+every K-th input from the I-th on, of the inputs in the order `expand_inputs` gives, and writes
+summary.part-I-of-K.json instead of summary.json; `merge_summaries` joins the parts' files into
+summary.json.
 """
 
 from __future__ import annotations
@@ -193,6 +198,8 @@ def run_batch(
     fmt: str = "png",
     force: bool = False,
     console: Console | None = None,
+    num_parts: int = 1,
+    part_id: int = 0,
 ) -> dict[str, Any]:
     """Predict every input image into `out`; returns the summary (also written to out/summary.json).
 
@@ -207,6 +214,8 @@ def run_batch(
         fmt: the mask's format, "png" or "tif".
         force: predict again even when outputs recorded as made the same way exist.
         console: where progress and messages go (default: stderr).
+        num_parts: split the inputs into this many parts ...
+        part_id: ... and predict this one (0 to num_parts - 1).
 
     Raises:
         SegError: a bad option or model; failures of single images are reported in the summary instead.
@@ -214,18 +223,21 @@ def run_batch(
     console = console or Console(stderr=True)
     if fmt not in FORMATS:
         raise SegError(f"--format {fmt!r}: choose png or tif")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise SegError(f"--part-id {part_id} of --num-parts {num_parts}: need 0 <= part id < parts")
     out = Path(out)
     _check_writable(out)
     options = options or predictor.options
-    jobs = expand_inputs(items, exclude=out)
+    jobs = expand_inputs(items, exclude=out)[part_id::num_parts]
     plan_outputs(jobs, out, fmt, overlay, probabilities, confidence)
     console.print(
         f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.info.num_classes} classes)"
         f" on {predictor.device}; tile {options.tile}, overlap {options.overlap:g}, batch {options.batch_size}"
-        f", TTA {options.tta}; {len(jobs)} input(s)",
+        f", TTA {options.tta}; {len(jobs)} input(s)"
+        + (f" (part {part_id} of {num_parts})" if num_parts > 1 else ""),
         highlight=False, soft_wrap=True,
     )  # fmt: skip
-    summary_path = out / "summary.json"
+    summary_path = out / (f"summary.part-{part_id}-of-{num_parts}.json" if num_parts > 1 else "summary.json")
     previous = _previous_entries(summary_path)
     settings = {
         "model_sha256": file_sha256(predictor.path), "tile": options.tile, "overlap": options.overlap,
@@ -262,6 +274,7 @@ def run_batch(
             "format": fmt,
             **counts,
             "complete": complete,
+            **({"part": [part_id, num_parts]} if num_parts > 1 else {}),
             "seconds": round(time.perf_counter() - start, 3),
             "images": entries,
             "earlier": list(earlier.values()),
@@ -279,6 +292,50 @@ def run_batch(
     summary_file.write(summary, final=True)
     summary["summary_path"] = str(summary_path)
     return summary
+
+
+COUNTS = ("ok", "skipped", "failed")
+
+
+def merge_summaries(out: str | Path) -> dict[str, Any]:
+    """Join the summary.part-I-of-K.json files of a sharded run in `out` into out/summary.json.
+
+    The settings must agree across parts; counts add up, `seconds` is the slowest part's, and `complete` is
+    true when all K parts are there and complete. Returns the merged summary.
+    """
+    out = Path(out)
+    parts = sorted(out.glob("summary.part-*-of-*.json"))
+    if not parts:
+        raise SegError(f"{out}: no summary.part-I-of-K.json files to merge")
+    summaries = []
+    for path in parts:
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise SegError(f"{path}: not a readable summary ({e})") from None
+    for s, path in zip(summaries, parts):
+        if not (isinstance(s, dict) and isinstance(s.get("part"), list) and len(s["part"]) == 2):
+            raise SegError(f"{path}: not the summary of one part (no \"part\" field)")
+    totals = {s["part"][1] for s in summaries}
+    if len(totals) > 1:
+        raise SegError(f"{out}: part files of runs split in different numbers of parts ({sorted(totals)}); remove the stale ones")
+    keys = ("model_sha256", "tile", "overlap", "tta", "blend", "format")
+    first = summaries[0]
+    for s, path in zip(summaries, parts):
+        differ = [k for k in keys if s.get(k) != first.get(k)]
+        if differ:
+            raise SegError(f"{path}: {differ[0]} differs from {parts[0].name}'s; the parts were run with other settings")
+    seen = {s["part"][0] for s in summaries}
+    merged = {k: v for k, v in first.items() if k not in ("images", "earlier", "part", *COUNTS)}
+    merged.update({c: sum(s[c] for s in summaries) for c in COUNTS})
+    merged["complete"] = all(s["complete"] for s in summaries) and seen == set(range(totals.pop()))
+    merged["seconds"] = max(s["seconds"] for s in summaries)
+    merged["images"] = sorted((e for s in summaries for e in s["images"]), key=lambda e: e["input"])
+    merged["earlier"] = [e for s in summaries for e in s["earlier"]]
+    merged["parts"] = len(summaries)
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(merged, indent=2))
+    return merged
 
 
 class _SummaryFile:

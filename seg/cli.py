@@ -150,6 +150,8 @@ def predict(
     confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG) or tif (tiled TIFF)."),
     force: bool = typer.Option(False, "--force", help="Predict again even where outputs made the same way exist."),
+    num_parts: int = typer.Option(1, "--num-parts", help="Split the inputs into this many parts (job arrays; see --part-id)."),
+    part_id: int = typer.Option(0, "--part-id", help="The part to predict, 0 to --num-parts - 1; it writes summary.part-I-of-K.json."),
 ):
     """Segment images by tiles with an ONNX model (default: $SEG_MODEL, else the bundled one)."""
     from seg.batch import run_batch, split_model
@@ -160,7 +162,7 @@ def predict(
     options = predictor.info.tiling(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
     summary = run_batch(
         predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
-        fmt=fmt, force=force, console=err,
+        fmt=fmt, force=force, console=err, num_parts=num_parts, part_id=part_id,
     )
     err.print(
         f"{summary['ok']} predicted, {summary['skipped']} skipped, {summary['failed']} failed"
@@ -168,6 +170,22 @@ def predict(
         highlight=False, soft_wrap=True,
     )
     if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("merge-summaries")
+@user_errors
+def merge_summaries(out: Path = typer.Argument(..., help="The --out folder of a run split with --num-parts.")):
+    """Join the summary.part-I-of-K.json files of a split run into summary.json."""
+    from seg.batch import merge_summaries as merge
+
+    merged = merge(out)
+    err.print(
+        f"{merged['parts']} part(s): {merged['ok']} predicted, {merged['skipped']} skipped, {merged['failed']} failed;"
+        f" {'complete' if merged['complete'] else 'INCOMPLETE'}; wrote {out / 'summary.json'}",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    if not merged["complete"] or merged["failed"]:
         raise typer.Exit(1)
 
 
