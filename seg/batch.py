@@ -10,7 +10,7 @@ For each input image, under `out` with the input's relative path and stem:
 
 Outputs are written atomically, the mask last, so a killed run leaves no half-written file under a
 final name; summary.json is replaced after each image. Each entry records what made its outputs
-(`made_with`: the model file's SHA-256, tile, overlap, TTA, blending, format, the input's size and
+(`made_with`: the model file's SHA-256, tile, overlap, TTA, blending, edges, format, the input's size and
 modification time). A rerun skips images whose outputs all exist whole and were recorded as made the
 same way (unless `force`); the others are predicted again. No output lands outside `out`: `..` in a
 glob is folded away (or the file name alone is used), and an image whose output path leads out through
@@ -241,7 +241,7 @@ def run_batch(
     previous = _previous_entries(summary_path)
     settings = {
         "model_sha256": file_sha256(predictor.path), "tile": options.tile, "overlap": options.overlap,
-        "tta": options.tta, "blend": options.blend, "format": fmt,
+        "tta": options.tta, "blend": options.blend, "edges": options.edges, "format": fmt,
     }  # fmt: skip
     records = [_made_with(job, settings) for job in jobs]
     skips = [
@@ -271,6 +271,7 @@ def run_batch(
             "batch_size": options.batch_size,
             "tta": options.tta,
             "blend": options.blend,
+            "edges": options.edges,
             "format": fmt,
             **counts,
             "complete": complete,
@@ -319,7 +320,7 @@ def merge_summaries(out: str | Path) -> dict[str, Any]:
     totals = {s["part"][1] for s in summaries}
     if len(totals) > 1:
         raise SegError(f"{out}: part files of runs split in different numbers of parts ({sorted(totals)}); remove the stale ones")
-    keys = ("model_sha256", "tile", "overlap", "tta", "blend", "format")
+    keys = ("model_sha256", "tile", "overlap", "tta", "blend", "edges", "format")
     first = summaries[0]
     for s, path in zip(summaries, parts):
         differ = [k for k in keys if s.get(k) != first.get(k)]
@@ -384,6 +385,8 @@ def _same_making(job: Job, made_with: dict[str, Any] | None, old: dict[str, Any]
     recorded = (old or {}).get("made_with")
     if isinstance(recorded, dict) and isinstance(recorded.get("tta"), bool):  # before the TTA levels
         recorded = {**recorded, "tta": "flips" if recorded["tta"] else "none"}
+    if isinstance(recorded, dict) and "edges" not in recorded:  # before the edges option: always mirrored
+        recorded = {**recorded, "edges": "mirror"}
     return (
         made_with is not None and old is not None and recorded == made_with
         and set(job.outputs) <= set(old.get("outputs", {})) and is_done(job)

@@ -69,12 +69,24 @@ def train(
     config: Path = typer.Argument(..., help="YAML config file (sections data, model, train, output)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.epochs=10 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", help="Train on this many local processes under torchrun (DDP: one GPU each on CUDA, gloo on the CPU)."),
 ):
-    """Train a model from a config file into a run folder."""
+    """Train a model from a config file into a run folder (under torchrun: one model on all its processes)."""
+    import os
+
     from seg.config import load_config
+
+    cfg = load_config(config, set_)  # a broken config fails here, before any process starts
+    if nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from training.distributed import launch
+
+        args = ["train", str(config), *(a for s in set_ for a in ("--set", s)), *(["--resume"] if resume else [])]
+        code = launch(nproc, args)
+        if code:
+            raise typer.Exit(code)
+        return
     from training.train import train as run_training
 
-    cfg = load_config(config, set_)
     run_training(cfg, resume=resume, console=err)
 
 
@@ -145,6 +157,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: physical cores)."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips)."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="mirror (tiles reach into a reflected margin) or inside (tiles within the image); default: the model's."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write STEM.overlay.png, the image with the coloured mask."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32."),
     confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),
@@ -159,7 +172,7 @@ def predict(
 
     model, items = split_model(inputs)
     predictor = Predictor.from_onnx(model, device=device, threads=threads)
-    options = predictor.info.tiling(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    options = predictor.info.tiling(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, edges=edges)
     summary = run_batch(
         predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
         fmt=fmt, force=force, console=err, num_parts=num_parts, part_id=part_id,

@@ -157,6 +157,7 @@ class OutputConfig(Section):
     dir: Path = Path("runs/run")
     tile_size: int = 512
     overlap: float = 0.25
+    edges: Literal["auto", "mirror", "inside"] = "auto"  # auto: mirror for data.kind em, inside for natural
     overlays: int = Field(4, ge=0)
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
     mlflow_uri: str | None = None
@@ -177,6 +178,12 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _edges(self):
+        if self.output.edges == "auto":
+            self.output.edges = "mirror" if self.data.kind == "em" else "inside"
+        return self
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments for `seg.models.build_model`."""

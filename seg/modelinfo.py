@@ -11,7 +11,7 @@ and written here only, so a new fact is one field. This module imports pydantic 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -22,8 +22,9 @@ from seg.tiling import TilingOptions
 ONNX_FORMAT = "seg-onnx/1"
 # Checkpoint keys besides the weights (older checkpoints have exactly these).
 CHECKPOINT_KEYS = ("model_kwargs", "stride", "classes", "palette", "normalize", "in_channels", "ignore_index",
-                   "tile_size", "overlap")  # fmt: skip
-READABLE_KEYS = ("arch", "encoder", "classes", "palette", "in_channels", "normalize", "stride", "tile_size", "overlap")
+                   "tile_size", "overlap", "edges")  # fmt: skip
+READABLE_KEYS = ("arch", "encoder", "classes", "palette", "in_channels", "normalize", "stride", "tile_size", "overlap",
+                 "edges")  # fmt: skip
 
 
 class ModelInfo(BaseModel):
@@ -41,6 +42,9 @@ class ModelInfo(BaseModel):
     stride: int = Field(32, ge=1, description="tile sides are multiples of it")
     tile_size: int = Field(512, description="the recommended tile side")
     overlap: float = Field(0.25, description="the recommended tile overlap fraction")
+    edges: Literal["mirror", "inside"] = Field(
+        "mirror", description="tiles past the image's edges into a reflected margin, or within the image"
+    )
     ignore_index: int = 255
     version: str = Field("", description="seg's version at export")
     fp16: bool = False
@@ -73,7 +77,7 @@ class ModelInfo(BaseModel):
     def tiling(self, **overrides: Any) -> TilingOptions:
         """The model's recommended tiling, with the options given (None keeps the default)."""
         given = {key: value for key, value in overrides.items() if value is not None}
-        return TilingOptions(**{"tile": self.tile_size, "overlap": self.overlap, **given})
+        return TilingOptions(**{"tile": self.tile_size, "overlap": self.overlap, "edges": self.edges, **given})
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @classmethod

@@ -114,7 +114,7 @@ class Predictor:
     def tile_count(self, height: int, width: int, options: TilingOptions | None = None) -> int:
         """Tiles that an image of this size is cut into (for progress bars)."""
         options = options or self.options
-        return tile_grid(height, width, options.tile, options.overlap, self.info.stride).tiles
+        return tile_grid(height, width, options.tile, options.overlap, self.info.stride, options.edges).tiles
 
     def bands(
         self,

@@ -1,9 +1,11 @@
 """Tiled prediction with seamless blending: the one place where an image is cut into tiles.
 
 The image is read band by band (`read_rows`), and the blended sums cover the image's pixels only, so an
-image of any shape costs memory for about one tile row of it plus one batch of tiles. Around the image, a
-margin of half the overlap (at most the image's own side) is filled by reflection, so that no image pixel
-lies on a tile's outer edge. Tiles run in batches; their class probabilities are weighted by a Gaussian
+image of any shape costs memory for about one tile row of it plus one batch of tiles. With edges "mirror"
+(U-Net's overlap-tile strategy), a margin of half the overlap (at most the image's own side) around the
+image is filled by reflection, so that no image pixel lies on a tile's outer edge; with "inside" (MONAI's
+and nnU-Net's sliding window) the tiles lie within the image, whose edges the network then sees as it saw
+the edges of its training crops (photographs, where the layout of a scene matters). Tiles run in batches; their class probabilities are weighted by a Gaussian
 (sigma = tile / 8, as nnU-Net) and averaged; finished rows are yielded as soon as no later tile touches
 them.
 
@@ -28,6 +30,7 @@ MIN_TILE = 32  # the smallest tile side anyone may ask for (a model's stride is 
 MAX_TILE = 8192  # the largest (the service narrows it with SEG_MAX_TILE)
 MAX_BATCH = 256
 BLENDS = ("gaussian", "constant")
+EDGES = ("mirror", "inside")
 TTA_LEVELS = ("none", "flips", "d4")
 
 
@@ -43,6 +46,8 @@ class TilingOptions:
             rotations by 90 degrees and flips: 8 runs); the probabilities are averaged. True and False
             mean "flips" and "none".
         blend: "gaussian" (no seams) or "constant" (plain average).
+        edges: "mirror" (tiles reach past the image's edges into a reflected margin) or "inside" (tiles
+            lie within the image; a side shorter than a tile is padded to the model's stride only).
     """
 
     tile: int = 512
@@ -50,6 +55,7 @@ class TilingOptions:
     batch_size: int = 4
     tta: str = "none"
     blend: str = "gaussian"
+    edges: str = "mirror"
 
     def __post_init__(self) -> None:
         if not _whole(self.tile) or not MIN_TILE <= self.tile <= MAX_TILE:
@@ -60,6 +66,8 @@ class TilingOptions:
             raise SegError(f"batch size {self.batch_size}: must be a whole number in 1..{MAX_BATCH}")
         if self.blend not in BLENDS:
             raise SegError(f"blend {self.blend!r}: choose {' or '.join(BLENDS)}")
+        if self.edges not in EDGES:
+            raise SegError(f"edges {self.edges!r}: choose {' or '.join(EDGES)}")
         if isinstance(self.tta, (bool, np.bool_)):
             object.__setattr__(self, "tta", "flips" if self.tta else "none")
         if not isinstance(self.tta, str) or self.tta not in TTA_LEVELS:
@@ -187,10 +195,11 @@ def tta_runner(run: Runner, level: str) -> Runner:
     return lambda batch: softmax(run(batch))
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int) -> TileGrid:
+def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int, edges: str = "mirror") -> TileGrid:
     """The geometry of a tiling: tile size, margin, canvas size and tile origins, per axis.
 
-    A side shorter than a tile gets one tile of its padded length (a reflected margin of at most its own
+    With edges "inside" there is no margin: the canvas is the image, padded at its far end to the stride
+    where a side is shorter than a tile. A side shorter than a tile gets one tile of its padded length (a reflected margin of at most its own
     length, rounded up to `multiple`), and the other side's tiles grow to keep about `tile` x `tile` pixels
     (at the same overlap in pixels): a 1 x 1,000,000 line is cut into 32 x 8192 tiles, not 160 x 512.
     """
@@ -201,7 +210,7 @@ def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int)
     margin = (tile - step) // 2
     grid: dict = {"margin": margin}  # the fields of the TileGrid
     lengths = {"y": height, "x": width}
-    margins = {axis: min(margin, length) for axis, length in lengths.items()}
+    margins = {axis: 0 if edges == "inside" else min(margin, length) for axis, length in lengths.items()}
     sizes = {axis: min(tile, round_up(n + 2 * margins[axis], multiple)) for axis, n in lengths.items()}
     for axis, other in (("y", "x"), ("x", "y")):
         if sizes[axis] == tile and sizes[other] < tile:  # a thin image: longer tiles along its long side
@@ -241,7 +250,7 @@ def predict_tiled(
     Yields:
         (y0, probabilities of shape (K, rows, width)) for finished rows, top to bottom.
     """
-    grid = tile_grid(height, width, options.tile, options.overlap, multiple)
+    grid = tile_grid(height, width, options.tile, options.overlap, multiple, options.edges)
     th, tw = grid.tile_y, grid.tile_x
     my, mx = grid.margin_y, grid.margin_x
     ys, xs = grid.starts_y, grid.starts_x

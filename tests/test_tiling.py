@@ -38,16 +38,50 @@ def test_tiles_fit_thin_images(shape):
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5000), (5000, 1), (7, 3), (10, 3000), (700, 33), (600, 1300)])
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_blend_is_exact_for_any_shape(shape, batch_size):
+@pytest.mark.parametrize("edges", ["mirror", "inside"])
+def test_blend_is_exact_for_any_shape(shape, batch_size, edges):
     rng = np.random.default_rng(0)
     image = rng.random((1, *shape), dtype=np.float32)
     expected = softmax(pointwise(image[None]))[0]
-    options = TilingOptions(tile=256, batch_size=batch_size)
+    options = TilingOptions(tile=256, batch_size=batch_size, edges=edges)
     bands = list(predict_tiled(lambda y0, y1: image[:, y0:y1], *shape, pointwise, options))
     assert [y0 for y0, _ in bands] == list(np.cumsum([0] + [p.shape[1] for _, p in bands[:-1]]))
     got = np.concatenate([p for _, p in bands], axis=1)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def edge_aware(batch: np.ndarray) -> np.ndarray:
+    """A model that sees where its input ends, as a zero-padded CNN does: the logits hold each pixel's
+    distance to the tile's nearest edge."""
+    n, _, h, w = batch.shape
+    yy, xx = np.mgrid[:h, :w]
+    distance = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx)).astype(np.float32)
+    return np.concatenate([batch[:, :1], np.broadcast_to(distance / 32, (n, 1, h, w))], axis=1)
+
+
+def test_inside_tiles_give_a_small_image_to_the_model_whole_as_a_training_crop_was():
+    rng = np.random.default_rng(1)
+    image = rng.random((1, 320, 256), dtype=np.float32)
+    whole = softmax(edge_aware(image[None]))[0]
+    predict = lambda edges: next(predict_tiled(lambda y0, y1: image[:, y0:y1], 320, 256, edge_aware,  # noqa: E731
+                                               TilingOptions(tile=512, edges=edges)))[1]  # fmt: skip
+    np.testing.assert_allclose(predict("inside"), whole, atol=1e-6)
+    assert np.abs(predict("mirror") - whole).max() > 0.1  # the reflected margin moves the edges away
+
+
+@pytest.mark.parametrize("shape", [(700, 600), (300, 1000), (40, 70)])
+def test_inside_tiles_lie_within_the_image(shape):
+    grid = tile_grid(*shape, 256, 0.25, 32, edges="inside")
+    assert grid.margin_y == grid.margin_x == 0
+    for starts, tile, length in ((grid.starts_y, grid.tile_y, shape[0]), (grid.starts_x, grid.tile_x, shape[1])):
+        assert starts[0] == 0 and starts[-1] + tile == max(length, tile)  # flush with both edges
+        assert tile <= max(256, round_up(length, 32)) and tile % 32 == 0
+
+
+def test_edges_must_be_mirror_or_inside():
+    with pytest.raises(SegError, match="edges 'zero'"):
+        TilingOptions(edges="zero")
 
 
 def traced_peak(height: int, width: int) -> int:

@@ -24,7 +24,7 @@ def model_info(model: SegModel, model_kwargs: dict[str, Any], cfg: Config, name:
     return ModelInfo.from_checkpoint(
         {"model_kwargs": model_kwargs, "stride": model.stride, "classes": data.classes, "palette": data.class_palette,
          "normalize": data.normalize, "in_channels": data.in_channels, "ignore_index": data.ignore_index,
-         "tile_size": cfg.output.tile_size, "overlap": cfg.output.overlap},
+         "tile_size": cfg.output.tile_size, "overlap": cfg.output.overlap, "edges": cfg.output.edges},
         name,
     )  # fmt: skip
 

@@ -1,0 +1,5 @@
+"""`python -m seg` is the `seg` command (torchrun starts it so: `torchrun ... -m seg train CONFIG`)."""
+
+from seg.cli import main
+
+main()
