@@ -6,10 +6,16 @@ overlays/*.png. One data loader serves the whole run; each sample's order and au
 the same seed ends. The learning rate is a pure function of the run's progress (optimiser steps done, or
 time spent against a time limit), so the schedule needs no state of its own. Checkpoints, metrics.csv, the
 weights' moving average and early stopping hang on the hooks of `training.callbacks`.
+
+Under torchrun (`training.distributed`) each of N processes trains the same model with DistributedDataParallel
+on its own share of every step's samples: `train.batch_size` is per process, so a step sees N x batch_size
+crops, the ones a single process with that batch would see. Rank 0 decides the time limit and stops, and
+alone writes files; validation images are split across ranks and their confusion matrices summed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -27,13 +33,14 @@ from seg.config import Config, config_to_dict
 from seg.data import check_samples, find_samples
 from seg.errors import SegError
 from seg.imageio import atomic_path
-from seg.metrics import ConfusionMatrix
+from seg.metrics import ConfusionMatrix, metrics_from_confusion
 from seg.models import build_model
 from seg.progress import Progress
 from seg.predictor import Predictor
 from training.callbacks import EMA, Callback, Checkpoint, EarlyStopping, MetricsCSV
 from training.checkpoint import load_checkpoint, model_info, model_state, rng_state, save_checkpoint, set_rng_state
 from training.data import SegmentationDataset, build_augmentation
+from training.distributed import Dist, sync_batchnorm
 from training.loggers import build_loggers
 from training.losses import build_loss
 
@@ -90,30 +97,36 @@ def validation_interval(cfg: Config, steps_per_epoch: int, total_steps: int) -> 
 
 
 class SeededSampler(Sampler):
-    """The run's training samples from optimiser step `start` on, as (index, seed) pairs, `per_step` a step.
+    """This process's training samples from optimiser step `start` on, as (index, seed) pairs.
 
-    Epoch e's order (reshuffled passes over the data) and each sample's augmentation seed are drawn from
-    (seed, e), so the same step sees the same crops whether or not the run was resumed in between.
+    A step takes `batch * accumulate * world` samples of epoch e's order (reshuffled passes over the data),
+    each with an augmentation seed, both drawn from (seed, e): so the same step sees the same crops whether
+    or not the run was resumed in between. Of each batch of `batch * world`, rank r takes the r-th `batch`,
+    so N ranks together see what one process with N times the batch sees.
     """
 
-    def __init__(self, size: int, per_step: int, steps_per_epoch: int, total_steps: int, seed: int, start: int = 0):
-        self.size, self.per_step, self.steps_per_epoch = size, per_step, steps_per_epoch
+    def __init__(self, size: int, batch: int, accumulate: int, steps_per_epoch: int, total_steps: int, seed: int,
+                 start: int = 0, rank: int = 0, world: int = 1):  # fmt: skip
+        self.size, self.batch, self.accumulate, self.steps_per_epoch = size, batch, accumulate, steps_per_epoch
         self.total_steps, self.seed, self.start = total_steps, seed % 2**32, start
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return max(self.total_steps - self.start, 0) * self.per_step
+        return max(self.total_steps - self.start, 0) * self.batch * self.accumulate
 
     def __iter__(self):
-        epoch, count = -1, self.steps_per_epoch * self.per_step
+        per_step = self.batch * self.accumulate * self.world
+        epoch, count = -1, self.steps_per_epoch * per_step
         for step in range(self.start, self.total_steps):
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 rng = np.random.default_rng([self.seed, epoch])
                 order = np.concatenate([rng.permutation(self.size) for _ in range(-(-count // self.size))])
                 seeds = rng.integers(0, 2**32, count)
-            first = step % self.steps_per_epoch * self.per_step
-            for i in range(first, first + self.per_step):
-                yield int(order[i]), int(seeds[i])
+            for micro in range(self.accumulate):
+                first = step % self.steps_per_epoch * per_step + (micro * self.world + self.rank) * self.batch
+                for i in range(first, first + self.batch):
+                    yield int(order[i]), int(seeds[i])
 
 
 class SeededSamples(Dataset):
@@ -159,7 +172,10 @@ class Trainer:
         self, cfg: Config, resume: bool = False, console: Console | None = None, callbacks: list[Callback] | None = None
     ):
         self.cfg = cfg
+        self.dist = Dist()
         self.console = console or Console(stderr=True)
+        if not self.dist.is_main:
+            self.console = Console(stderr=True, quiet=True)
         self.run_dir = Path(cfg.output.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         last = self.ckpt_dir / "last.pt"
@@ -167,7 +183,8 @@ class Trainer:
             raise SegError(f"{self.run_dir} already holds a run: pass --resume, or set output.dir to a new folder")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = pick_device(cfg.train.device)
+        self.device = self.dist.device(pick_device(cfg.train.device))
+        self.dist.setup(self.device)
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else self.device.type == "cuda"
 
@@ -181,16 +198,18 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model_kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.model_kwargs().items()}
-        self.model = build_model(**self.model_kwargs).to(self.device)
+        self.model = sync_batchnorm(build_model(**self.model_kwargs), self.device, self.dist).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model = self.dist.wrap(self.model, self.device)  # `model` itself stays unwrapped
         self.loss_fn = build_loss(
             cfg.train.loss, data.ignore_index, cfg.train.class_weights, data.classes, self.train_set.masks(), self.log
         )
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         t = cfg.train
-        self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_set) // (t.batch_size * t.accumulate))
+        per_step = t.batch_size * t.accumulate * self.dist.world
+        self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_set) // per_step)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.val_interval = validation_interval(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0  # optimiser steps done
@@ -202,14 +221,17 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.ema = EMA(self.model, t.ema.decay) if t.ema else None
         self.callbacks: list[Callback] = [self.ema] if self.ema else []
-        self.callbacks += [Checkpoint(), MetricsCSV()] + ([EarlyStopping(t.patience)] if t.patience else [])
+        main = self.dist.is_main  # only rank 0 writes files
+        self.callbacks += [Checkpoint(), MetricsCSV()] if main else []
+        self.callbacks += [EarlyStopping(t.patience)] if t.patience else []
         self.callbacks += callbacks or []
-        self.callbacks += build_loggers(cfg, self.run_dir)  # output.loggers, after the caller's
+        self.callbacks += build_loggers(cfg, self.run_dir) if main else []  # output.loggers, after the caller's
         if resume and last.exists():
             self._restore(load_checkpoint(last))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.run_dir / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     # -- output --------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -237,11 +259,13 @@ class Trainer:
             f"training {self.cfg.model.arch}/{self.cfg.model.encoder} on {self.device.type}"
             f"{' with ' + str(self.amp).split('.')[-1] if self.amp else ''}: epochs {self.epoch + 1}..{t.epochs},"
             f" {self.steps_per_epoch} steps of {t.batch_size}" + (f"x{t.accumulate}" if t.accumulate > 1 else "")
+            + (f" on each of {self.dist.world} processes" if self.dist.enabled else "")
             + (f", time limit {t.time_limit_minutes:g} min" if budget else "")
         )  # fmt: skip
         sampler = SeededSampler(
-            len(self.train_set), t.batch_size * t.accumulate, self.steps_per_epoch, self.total_steps, t.seed, self.step
-        )
+            len(self.train_set), t.batch_size, t.accumulate, self.steps_per_epoch, self.total_steps, t.seed, self.step,
+            self.dist.rank, self.dist.world,
+        )  # fmt: skip
         loader = DataLoader(
             SeededSamples(self.train_set), batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=t.num_workers > 0,
@@ -251,7 +275,11 @@ class Trainer:
         since_row, since_epoch = Meter(), Meter()
         self.call("on_train_start")
         bar = None
-        while self.step < self.total_steps and not self.stop:
+        while self.step < self.total_steps:
+            elapsed, stop = self.dist.from_main([self.elapsed, self.stop])  # every rank takes rank 0's decision
+            self.elapsed, self.stop = elapsed, bool(stop)
+            if self.stop:
+                break
             if budget is not None and self.elapsed >= budget:
                 self.log(f"time limit reached after {self.step} steps")
                 break
@@ -284,7 +312,9 @@ class Trainer:
             self._validate(since_row)  # at the end, a time limit or a stop
         del batches, loader
         self.call("on_train_end")
-        self.finish()
+        if self.dist.is_main:
+            self.finish()
+        self.dist.close()
         return self.run_dir
 
     @property
@@ -310,22 +340,27 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total, images = 0.0, 0
-        for _ in range(t.accumulate):
+        for i in range(t.accumulate):
+            # Under DDP the gradients are all-reduced once a step, in the last batch's backward.
+            last = i == t.accumulate - 1 or not self.dist.enabled
+            sync = contextlib.nullcontext() if last else self.train_model.no_sync()
             x, y, *extra = next(batches)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             extra = [e.to(self.device, non_blocking=True) for e in extra]  # e.g. per-pixel loss weights
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss = self.loss_fn(self.model(x), y, *extra)
-            if not torch.isfinite(loss):
-                raise SegError(f"loss became {loss.item()} at epoch {self.epoch + 1}; lower train.lr")
-            self.scaler.scale(loss / t.accumulate).backward()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    loss = self.loss_fn(self.train_model(x), y, *extra)
+                if not torch.isfinite(loss):
+                    raise SegError(f"loss became {loss.item()} at epoch {self.epoch + 1}; lower train.lr")
+                self.scaler.scale(loss / t.accumulate).backward()
             total += loss.item()
-            images += x.shape[0]
+            images += x.shape[0] * self.dist.world
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        total = float(self.dist.sum(np.array([total]))[0]) / self.dist.world  # the mean over ranks
         return total / t.accumulate, images
 
     def _validate(self, since: Meter) -> None:
@@ -349,12 +384,13 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Whole validation images through the tiled predictor; metrics from one confusion matrix."""
+        self.dist.share_weights(self.eval_model)  # e.g. BatchNorm statistics, which each rank keeps
         self.eval_model.eval()
         data = self.cfg.data
         conf = ConfusionMatrix(data.num_classes, data.ignore_index)
         predictor = self.predictor()
         nll, pixels = 0.0, 0
-        for i in range(len(self.val_set)):
+        for i in range(self.dist.rank, len(self.val_set), self.dist.world):  # each rank its share
             image, target = self.val_set.load(i)
             probs = predictor.predict(image, probabilities=True).probabilities
             conf.update(probs.argmax(0), target)
@@ -362,7 +398,8 @@ class Trainer:
             picked = np.take_along_axis(probs, np.where(valid, target, 0)[None], 0)[0][valid]
             nll -= float(np.log(np.maximum(picked, 1e-8)).sum())
             pixels += int(valid.sum())
-        result = conf.compute()
+        result = metrics_from_confusion(self.dist.sum(conf.matrix))
+        nll, pixels = map(float, self.dist.sum(np.array([nll, pixels], np.float64)))
         out = {"val_loss": nll / max(pixels, 1), "val_miou": result["miou"], "val_dice": result["dice"],
                "val_pixel_accuracy": result["pixel_accuracy"], "val_pixel_error": result["pixel_error"]}
         for name, iou, dice in zip(data.classes, result["iou"], result["dice_per_class"]):
