@@ -200,6 +200,7 @@ def run_batch(
     console: Console | None = None,
     num_parts: int = 1,
     part_id: int = 0,
+    ray: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict every input image into `out`; returns the summary (also written to out/summary.json).
 
@@ -216,6 +217,8 @@ def run_batch(
         console: where progress and messages go (default: stderr).
         num_parts: split the inputs into this many parts ...
         part_id: ... and predict this one (0 to num_parts - 1).
+        ray: run the predictions on Ray Data (`seg.ray_batch.ray_results`' keyword arguments: address,
+            actors, threads); planning, skips and the summary stay here, the same as without.
 
     Raises:
         SegError: a bad option or model; failures of single images are reported in the summary instead.
@@ -225,6 +228,10 @@ def run_batch(
         raise SegError(f"--format {fmt!r}: choose png or tif")
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise SegError(f"--part-id {part_id} of --num-parts {num_parts}: need 0 <= part id < parts")
+    if ray is not None:
+        from seg.ray_batch import require_ray
+
+        require_ray()  # before any work
     out = Path(out)
     _check_writable(out)
     options = options or predictor.options
@@ -282,13 +289,19 @@ def run_batch(
         }
 
     summary_file = _SummaryFile(summary_path)
+    done: dict[int, dict[str, Any]] = {}
     with Progress(console, "images", len(jobs)) as progress:
-        for job, record, skip in zip(jobs, records, skips):
-            entry = _run_job(predictor, options, job, skip, record, previous, progress)
-            entries.append(entry)
-            earlier.pop(str(job.source), None)
+        if ray is None:
+            results = ((i, _run_job(predictor, options, job, skip, record, previous, progress))
+                       for i, (job, record, skip) in enumerate(zip(jobs, records, skips)))  # fmt: skip
+        else:
+            results = _with_planned(predictor, options, jobs, records, skips, previous, progress, ray, console)
+        for i, entry in results:
+            done[i] = entry
+            entries[:] = [done[k] for k in sorted(done)]  # in input order, whatever order they finish in
+            earlier.pop(str(jobs[i].source), None)
             summary_file.write(summary_now(complete=False))
-            _image_done(progress, job, entry)
+            _image_done(progress, jobs[i], entry)
     summary = summary_now(complete=True)
     summary_file.write(summary, final=True)
     summary["summary_path"] = str(summary_path)
@@ -337,6 +350,19 @@ def merge_summaries(out: str | Path) -> dict[str, Any]:
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(merged, indent=2))
     return merged
+
+
+def _with_planned(predictor, options, jobs, records, skips, previous, progress, ray, console):
+    """Failed and skipped jobs' entries at once, then the others' from Ray as its actors finish them."""
+    from seg.ray_batch import ray_results
+
+    todo = []
+    for i, (job, record, skip) in enumerate(zip(jobs, records, skips)):
+        if job.error or skip:
+            yield i, _run_job(predictor, options, job, skip, record, previous, progress)
+        else:
+            todo.append(i)
+    yield from ray_results(predictor, options, [(i, jobs[i], records[i]) for i in todo], console=console, **ray)
 
 
 class _SummaryFile:

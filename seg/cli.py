@@ -165,6 +165,9 @@ def predict(
     force: bool = typer.Option(False, "--force", help="Predict again even where outputs made the same way exist."),
     num_parts: int = typer.Option(1, "--num-parts", help="Split the inputs into this many parts (job arrays; see --part-id)."),
     part_id: int = typer.Option(0, "--part-id", help="The part to predict, 0 to --num-parts - 1; it writes summary.part-I-of-K.json."),
+    ray: bool = typer.Option(False, "--ray", help="Predict on Ray Data actors (a local Ray unless --ray-address or RAY_ADDRESS); needs seg[distributed]."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="A Ray cluster to join: auto, or ray://HOST:10001."),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="Ray actors (default: one per GPU, else the cluster's CPUs / --threads)."),
 ):
     """Segment images by tiles with an ONNX model (default: $SEG_MODEL, else the bundled one)."""
     from seg.batch import run_batch, split_model
@@ -176,6 +179,7 @@ def predict(
     summary = run_batch(
         predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
         fmt=fmt, force=force, console=err, num_parts=num_parts, part_id=part_id,
+        ray={"address": ray_address, "actors": ray_actors, "threads": threads} if ray or ray_address else None,
     )
     err.print(
         f"{summary['ok']} predicted, {summary['skipped']} skipped, {summary['failed']} failed"
@@ -208,7 +212,7 @@ def serve(
     model: Optional[Path] = typer.Argument(None, help="ONNX model (default: $SEG_MODEL, else the bundled one)."),
     host: str = typer.Option("127.0.0.1", envvar="SEG_HOST", help="Address to listen on."),
     port: int = typer.Option(3000, envvar="SEG_PORT", help="Port."),
-    workers: int = typer.Option(1, help="Worker processes (each loads its own copy of the model)."),
+    workers: int = typer.Option(1, envvar="SEG_WORKERS", help="Worker processes (each loads its own copy of the model; worker i uses GPU i mod the GPUs)."),
 ):
     """Start the HTTP service (BentoML): segment, segment_json, overlay, info; limits from SEG_* variables."""
     import os
