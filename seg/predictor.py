@@ -95,7 +95,8 @@ class Predictor:
 
     @classmethod
     def from_onnx(
-        cls, path: str | Path, device: str = "auto", threads: int | None = None, options: TilingOptions | None = None
+        cls, path: str | Path, device: str = "auto", threads: int | None = None, options: TilingOptions | None = None,
+        gpu: int = 0,
     ) -> "Predictor":
         """A predictor of an ONNX file written by `seg export`.
 
@@ -104,9 +105,10 @@ class Predictor:
             device: "auto" (CUDA when usable, else CPU), "cuda" or "cpu"; `provider` says what was obtained.
             threads: ONNX Runtime intra-op threads on the CPU (None: its default, the physical cores).
             options: the default tiling (None: the model's).
+            gpu: the CUDA device id, on CUDA.
         """
         path = Path(path)
-        session, provider = create_session(path, device=device, threads=threads)
+        session, provider = create_session(path, device=device, threads=threads, gpu=gpu)
         info = read_model_info(session, path)
         device = describe_provider(provider)
         return cls(onnx_runner(session), info, options, provider=provider, device=device, path=path)

@@ -52,28 +52,36 @@ def onnx_runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 def cuda_usable() -> bool:
     """True when ONNX Runtime has its CUDA provider and the CUDA driver sees at least one GPU."""
+    return gpu_count() > 0
+
+
+def gpu_count() -> int:
+    """GPUs that ONNX Runtime's CUDA provider can use (0 without the provider or a driver)."""
     import onnxruntime as ort
 
     if CUDA not in ort.get_available_providers():
-        return False
+        return 0
     name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
     try:
         driver = ctypes.CDLL(name)
     except OSError:
-        return False
+        return 0
     count = ctypes.c_int(0)
     if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return False
-    return count.value > 0
+        return 0
+    return count.value
 
 
-def create_session(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[Any, str]:
+def create_session(
+    path: str | Path, device: str = "auto", threads: int | None = None, gpu: int = 0
+) -> tuple[Any, str]:
     """An ONNX Runtime InferenceSession on the requested device.
 
     Args:
         path: the .onnx file.
         device: "auto" (CUDA when a GPU is usable, else CPU), "cuda" (an error without one) or "cpu".
         threads: intra-op threads for the CPU provider (None: ONNX Runtime's default, the physical cores).
+        gpu: the CUDA device id, on CUDA.
 
     Returns:
         (session, provider): provider is the execution provider really obtained, read back from the
@@ -108,7 +116,7 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     if want_cuda:
         if hasattr(ort, "preload_dlls") and "torch" not in sys.modules:
             ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (torch, if imported, brought its own)
-        providers = [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+        providers = [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC", "device_id": gpu}), CPU]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)

@@ -47,6 +47,7 @@ from seg import imageio
 from seg.errors import ImageError, SegError
 from seg.modelinfo import ModelInfo
 from seg.predictor import Prediction, Predictor
+from seg.runtime import gpu_count
 from seg.sources import ArraySource, header_shape
 from seg.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
 from seg.writers import band_writer
@@ -131,6 +132,8 @@ class ServiceInfo(ModelInfo):
 
     provider: str
     device: str
+    worker: int = Field(description="this worker's index, from 1 (SEG_WORKERS=N runs N)")
+    gpu: int | None = Field(description="the CUDA device id this worker uses: worker i has GPU (i - 1) mod the GPUs")
     limits: dict
 
 
@@ -158,7 +161,12 @@ class Segmentation:
     def __init__(self) -> None:
         self.settings = SETTINGS
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # sizes are checked from the header first
-        self.predictor = Predictor.from_onnx(self.settings.model, device=self.settings.device)
+        self.worker = bentoml.server_context.worker_index or 1
+        gpus = gpu_count() if self.settings.device != "cpu" else 0
+        self.gpu = (self.worker - 1) % gpus if gpus else None
+        self.predictor = Predictor.from_onnx(self.settings.model, device=self.settings.device, gpu=self.gpu or 0)
+        if self.predictor.device != "cuda":
+            self.gpu = None
         stop_on_signals()
 
     @bentoml.api(route="/segment")
@@ -226,6 +234,7 @@ class Segmentation:
         s = self.settings
         return ServiceInfo(
             **dict(self.predictor.info), provider=self.predictor.provider, device=self.predictor.device,
+            worker=self.worker, gpu=self.gpu,
             limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                     "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
                     "overlap": [0.0, MAX_OVERLAP], "tta": list(TTA_LEVELS), "timeout": s.timeout,

@@ -9,10 +9,12 @@ so of work, of which the tests wait for seconds.
 from __future__ import annotations
 
 import io
+import re
 import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -198,3 +200,24 @@ def test_overlay_peak_memory_is_that_of_segment(fast):
     # Whole-image copies in float32 RGB would cost 12 bytes per pixel each; one byte per pixel is the margin.
     grown = after_overlay - after_segment
     assert grown < side * side, f"overlay's peak is {grown / 1e6:.0f} MB over segment's {after_segment / 1e6:.0f} MB"
+
+
+def request_count(metrics: str, endpoint: str) -> float:
+    """BentoML's request counter for `endpoint` with status 200, summed over its label sets."""
+    pattern = re.compile(r'^bentoml_service_request_total\{([^}]*)\}\s+([0-9.e+]+)$', re.M)
+    return sum(float(value) for labels, value in pattern.findall(metrics)
+               if f'endpoint="{endpoint}"' in labels and 'http_response_code="200"' in labels)  # fmt: skip
+
+
+def test_two_workers_both_answer_and_metrics_count_across_them(conv_onnx, em_image, tmp_path):
+    png = encode(em_image[:128, :128], "PNG")
+    with running_server(conv_onnx, tmp_path, SEG_WORKERS="2", SEG_DEVICE="cpu") as server:
+        with ThreadPoolExecutor(8) as pool:
+            infos = list(pool.map(lambda _: httpx.post(server.url + "/info", json={}, timeout=30).json(), range(48)))
+            assert {info["worker"] for info in infos} == {1, 2}  # both workers answer
+            assert all(info["gpu"] is None and info["device"] == "cpu" for info in infos)
+            codes = list(pool.map(lambda _: httpx.post(server.url + "/segment", files={"image": ("a.png", png)},
+                                                       timeout=60).status_code, range(12)))  # fmt: skip
+        assert codes == [200] * 12
+        for _ in range(4):  # every worker's /metrics gives the sum over both
+            assert request_count(httpx.get(server.url + "/metrics", timeout=30).text, "/segment") == 12
