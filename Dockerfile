@@ -3,6 +3,7 @@
 #   docker build -t seg .                                   # CPU
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 -t seg:gpu .
 #                                                            # GPU: CUDA 13 + cuDNN 9; run with --gpus all
+#   docker build --build-arg EXTRAS=distributed -t seg:ray .  # with Ray: also a Ray node (`ray start ...`)
 #
 #   docker run -p 3000:3000 seg                              # the service on 0.0.0.0:3000 (SEG_HOST, SEG_PORT)
 #   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/in:/in:ro" -v "$PWD/out:/out" seg predict /in --out /out
@@ -28,10 +29,12 @@ RUN apt-get update \
  && python3 -m venv /opt/seg
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# The core requirements from pyproject.toml with the ONNX Runtime build for this base (CPU: 60 MB, CUDA:
-# 340 MB), installed before the code so that code changes keep this layer.
+# The core requirements from pyproject.toml, and those of the extras named in EXTRAS (comma-separated, e.g.
+# distributed), with the ONNX Runtime build for this base (CPU: 60 MB, CUDA: 340 MB), installed before the
+# code so that code changes keep this layer.
+ARG EXTRAS=""
 # hadolint ignore=DL3013
-RUN /opt/seg/bin/python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('onnxruntime')))" > /tmp/requirements.txt \
+RUN /opt/seg/bin/python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + [d for e in os.environ['EXTRAS'].split(',') if e for d in p['optional-dependencies'][e]]; print('\n'.join(d for d in deps if not d.startswith('onnxruntime')))" > /tmp/requirements.txt \
  && /opt/seg/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt "onnxruntime${CUDA_VERSION:+-gpu}>=1.27"
 COPY seg ./seg
 COPY training ./training
