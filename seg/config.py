@@ -180,7 +180,10 @@ class Config(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _edges(self):
+    def _across_sections(self):
+        weights, classes = self.train.class_weights, self.data.classes
+        if isinstance(weights, list) and len(weights) != len(classes):
+            raise ValueError(f"train.class_weights: {len(weights)} weights for {len(classes)} classes ({', '.join(classes)})")
         if self.output.edges == "auto":
             self.output.edges = "mirror" if self.data.kind == "em" else "inside"
         return self
@@ -222,11 +225,13 @@ def validate_config(raw: dict[str, Any], path: str | Path = "<config>") -> Confi
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        msg = first["msg"]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise ConfigError(f"{path}: {key}: {msg}") from None
+        if not key and msg.split(":")[0].count(".") == 1:  # a check across sections names its key itself
+            raise ConfigError(f"{path}: {msg}") from None
+        raise ConfigError(f"{path}: {key or '(top level)'}: {msg}") from None
     _resolve_paths(cfg, base, path)
     return cfg
 

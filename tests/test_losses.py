@@ -234,8 +234,8 @@ def test_class_weights_of_the_wrong_length_are_a_config_error(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", root, tmp_path / "run", class_weights=[1.0, 2.0, 3.0])
     result = CliRunner().invoke(app, ["train", str(cfg)])
     assert result.exit_code == 2
-    last = result.stderr.strip().splitlines()[-1]  # after the data check: the class names come with the data
-    assert last == "error: train.class_weights: 3 weights for 2 classes (membrane, cell)"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: {cfg}: train.class_weights: 3 weights for 2 classes (membrane, cell)"
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 

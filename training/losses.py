@@ -46,10 +46,6 @@ def build_loss(
         if log is not None:
             named = ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, class_weights))
             log(f"class weights (median frequency): {named}")
-    elif class_weights is not None and classes is not None and len(class_weights) != len(classes):
-        raise ConfigError(
-            f"train.class_weights: {len(class_weights)} weights for {len(classes)} classes ({', '.join(classes)})"
-        )
     return LOSSES[name](ignore_index, class_weights)
 
 
@@ -71,13 +67,8 @@ def median_frequency_weights(masks: Iterable[np.ndarray], num_classes: int, igno
 
 
 @register("ce")
+@register("weighted_ce")  # the same, with U-Net's border weight map on by default (`train.border_weight`)
 def cross_entropy(ignore_index: int, class_weights: list[float] | None = None) -> nn.Module:
-    return WeightedCrossEntropy(ignore_index, class_weights)
-
-
-@register("weighted_ce")
-def weighted_cross_entropy(ignore_index: int, class_weights: list[float] | None = None) -> nn.Module:
-    """Cross-entropy with U-Net's border weight map (`train.border_weight`, on by default for this loss)."""
     return WeightedCrossEntropy(ignore_index, class_weights)
 
 
