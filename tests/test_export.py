@@ -119,7 +119,7 @@ def test_eval_of_the_exported_model_matches_its_checkpoint(unet_checkpoint, unet
     results = {}
     for name, model in (("onnx", unet_onnx), ("checkpoint", unet_checkpoint)):
         out = tmp_path / f"{name}.json"
-        result = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "data"), "--out", str(out)])
+        result = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "data"), "--tta", "none", "--out", str(out)])
         assert result.exit_code == 0, result.output
         results[name] = json.loads(out.read_text())
     onnx_conf, torch_conf = (np.array(results[k]["confusion"]) for k in ("onnx", "checkpoint"))
@@ -155,7 +155,7 @@ def test_eval_of_a_percentile_model_over_4_megapixels_matches_its_checkpoint(tmp
     confusion = {}
     for model in (tmp_path / "pct.onnx", ckpt):
         out = tmp_path / f"{model.suffix[1:]}.json"
-        result = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "data"), "--out", str(out)])
+        result = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "data"), "--tta", "none", "--out", str(out)])
         assert result.exit_code == 0, result.output
         confusion[model.suffix] = np.array(json.loads(out.read_text())["confusion"])
     onnx_conf, torch_conf = confusion[".onnx"], confusion[".pt"]
