@@ -133,7 +133,10 @@ class ServiceInfo(ModelInfo):
     provider: str
     device: str
     worker: int = Field(description="this worker's index, from 1 (SEG_WORKERS=N runs N)")
-    gpu: int | None = Field(description="the CUDA device id this worker uses: worker i has GPU (i - 1) mod the GPUs")
+    gpu: int | None = Field(
+        None, json_schema_extra={"nullable": True},  # BentoML's schema keeps only the int otherwise
+        description="the CUDA device id this worker uses: worker i has GPU (i - 1) mod the GPUs; null on the CPU",
+    )
     limits: dict
 
 
