@@ -325,7 +325,7 @@ class Trainer:
         minutes = self.cfg.train.val_every_minutes
         if minutes:
             last = self.history[-1]["seconds"] if self.history else 0.0
-            return self.elapsed - last >= minutes * 60
+            return bool(self.dist.from_main([self.elapsed - last >= minutes * 60])[0])  # rank 0's clock decides
         return self.step % self.val_interval == 0
 
     def _train_step(self, batches, budget: float | None) -> tuple[float, int]:
