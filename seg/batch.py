@@ -25,6 +25,7 @@ summary.json.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import hashlib
@@ -289,7 +290,7 @@ def run_batch(
         }
 
     summary_file = _SummaryFile(summary_path)
-    done: dict[int, dict[str, Any]] = {}
+    order: list[int] = []  # the input index of each entry
     with Progress(console, "images", len(jobs)) as progress:
         if ray is None:
             results = ((i, _run_job(predictor, options, job, skip, record, previous, progress))
@@ -297,8 +298,9 @@ def run_batch(
         else:
             results = _with_planned(predictor, options, jobs, records, skips, previous, progress, ray, console)
         for i, entry in results:
-            done[i] = entry
-            entries[:] = [done[k] for k in sorted(done)]  # in input order, whatever order they finish in
+            at = bisect.bisect(order, i)  # in input order, whatever order they finish in
+            order.insert(at, i)
+            entries.insert(at, entry)
             earlier.pop(str(jobs[i].source), None)
             summary_file.write(summary_now(complete=False))
             _image_done(progress, jobs[i], entry)
