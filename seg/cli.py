@@ -179,7 +179,8 @@ def predict(
     summary = run_batch(
         predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
         fmt=fmt, force=force, console=err, num_parts=num_parts, part_id=part_id,
-        ray={"address": ray_address, "actors": ray_actors, "threads": threads} if ray or ray_address else None,
+        ray={"address": ray_address, "actors": ray_actors, "threads": threads}
+        if ray or ray_address or ray_actors is not None else None,
     )
     err.print(
         f"{summary['ok']} predicted, {summary['skipped']} skipped, {summary['failed']} failed"
