@@ -126,5 +126,9 @@ def _run(ray, predictor, options, todo, console, actors, threads):
                                "threads": per_actor, "options": options_dict},
         concurrency=actors, num_cpus=0 if gpu else per_actor, num_gpus=1 if gpu else 0,
     )  # fmt: skip
-    for row in dataset.iter_rows():
-        yield int(row["index"]), json.loads(row["entry"])
+    try:
+        for row in dataset.iter_rows():
+            yield int(row["index"]), json.loads(row["entry"])
+    except Exception as err:  # an actor that could not start (e.g. no model file on its node), a lost node
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise SegError(f"the Ray job failed: {lines[-1] if lines else type(err).__name__}") from None
