@@ -26,6 +26,7 @@ bench: $(BIN)/seg
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/accuracy.py --steps 100
+	$(BIN)/python bench/distributed.py
 
 container-smoke:
 	scripts/container-smoke.sh
