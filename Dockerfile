@@ -3,7 +3,7 @@
 #   docker build -t seg .                                   # CPU
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 -t seg:gpu .
 #                                                            # GPU: CUDA 13 + cuDNN 9; run with --gpus all
-#   docker build --build-arg EXTRAS=distributed -t seg:ray .  # with Ray: also a Ray node (`ray start ...`)
+#   docker build --build-arg EXTRAS=cluster -t seg:ray .      # with Ray: also a Ray node (--entrypoint ray)
 #
 #   docker run -p 3000:3000 seg                              # the service on 0.0.0.0:3000 (SEG_HOST, SEG_PORT)
 #   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/in:/in:ro" -v "$PWD/out:/out" seg predict /in --out /out
