@@ -51,6 +51,7 @@ from seg.progress import Progress
 from seg.runtime import default_model
 
 FORMATS = ("png", "tif")
+COUNTS = ("ok", "skipped", "failed")  # the statuses of summary entries, counted in the summary
 LARGE_IMAGE_TILES = 16  # images with more tiles get their own progress bar
 
 
@@ -267,7 +268,7 @@ def run_batch(
     start = time.perf_counter()
 
     def summary_now(complete: bool) -> dict[str, Any]:
-        counts = {status: sum(e["status"] == status for e in entries) for status in ("ok", "skipped", "failed")}
+        counts = {status: sum(e["status"] == status for e in entries) for status in COUNTS}
         return {
             "model": str(predictor.path),
             "model_name": predictor.info.name,
@@ -308,9 +309,6 @@ def run_batch(
     summary_file.write(summary, final=True)
     summary["summary_path"] = str(summary_path)
     return summary
-
-
-COUNTS = ("ok", "skipped", "failed")
 
 
 def merge_summaries(out: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ With no address (and no RAY_ADDRESS) a local Ray starts inside the process and s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -119,11 +120,10 @@ def _run(ray, predictor, options, todo, console, actors, threads):
                             "outputs": {k: str(v) for k, v in job.outputs.items()}})}
         for i, job, made_with in todo
     ]  # fmt: skip
-    options_dict = {k: getattr(options, k) for k in ("tile", "overlap", "batch_size", "tta", "blend", "edges")}
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
         PredictActor,
         fn_constructor_kwargs={"model": str(Path(predictor.path).resolve()), "device": "cuda" if gpu else "cpu",
-                               "threads": per_actor, "options": options_dict},
+                               "threads": per_actor, "options": dataclasses.asdict(options)},
         concurrency=actors, num_cpus=0 if gpu else per_actor, num_gpus=1 if gpu else 0,
     )  # fmt: skip
     try:

@@ -5,9 +5,9 @@ image of any shape costs memory for about one tile row of it plus one batch of t
 (U-Net's overlap-tile strategy), a margin of half the overlap (at most the image's own side) around the
 image is filled by reflection, so that no image pixel lies on a tile's outer edge; with "inside" (MONAI's
 and nnU-Net's sliding window) the tiles lie within the image, whose edges the network then sees as it saw
-the edges of its training crops (photographs, where the layout of a scene matters). Tiles run in batches; their class probabilities are weighted by a Gaussian
-(sigma = tile / 8, as nnU-Net) and averaged; finished rows are yielded as soon as no later tile touches
-them.
+the edges of its training crops (photographs, where the layout of a scene matters). Tiles run in batches;
+their class probabilities are weighted by a Gaussian (sigma = tile / 8, as nnU-Net) and averaged;
+finished rows are yielded as soon as no later tile touches them.
 
     read_rows(y0, y1) -> (C, y1 - y0, W) float32      normalised image rows
     run(batch NCHW float32) -> (N, K, h, w) logits    the model
@@ -199,8 +199,8 @@ def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int,
     """The geometry of a tiling: tile size, margin, canvas size and tile origins, per axis.
 
     With edges "inside" there is no margin: the canvas is the image, padded at its far end to the stride
-    where a side is shorter than a tile. A side shorter than a tile gets one tile of its padded length (a reflected margin of at most its own
-    length, rounded up to `multiple`), and the other side's tiles grow to keep about `tile` x `tile` pixels
+    where a side is shorter than a tile. A side shorter than a tile gets one tile of its padded length (a
+    reflected margin of at most its own length, rounded up to `multiple`), and the other side's tiles grow to keep about `tile` x `tile` pixels
     (at the same overlap in pixels): a 1 x 1,000,000 line is cut into 32 x 8192 tiles, not 160 x 512.
     """
     if not 0.0 <= overlap < 1.0:

@@ -103,10 +103,6 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     """
     if nproc < 1:
         raise SegError(f"--nproc {nproc}: must be at least 1")
-    import importlib.util
-
-    if importlib.util.find_spec("torch.distributed.run") is None:
-        raise SegError("--nproc needs torch.distributed.run, which this PyTorch lacks")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "seg", *args]
