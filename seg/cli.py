@@ -1,4 +1,4 @@
-"""The `seg` command line: train, eval, export, predict, serve, models.
+"""The `seg` command line: train, eval, export, predict, serve, models, data check.
 
 Errors a user can cause (`SegError`) print one line on stderr and exit with code 2.
 """
@@ -33,7 +33,10 @@ warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. "C
 # Imported by train, eval, export and models only; `pip install seg` leaves them out.
 TRAIN_MODULES = {
     "torch", "torchvision", "segmentation_models_pytorch", "albumentations", "monai", "onnx", "matplotlib", "skimage",
+    "pycocotools",
 }
+data_app = typer.Typer(help="Look at a training config's data without training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 def user_errors(fn):
@@ -49,7 +52,7 @@ def user_errors(fn):
         except ModuleNotFoundError as e:
             if e.name is None or e.name.split(".")[0] not in TRAIN_MODULES:
                 raise
-            command = "eval" if fn.__name__ == "evaluate" else fn.__name__
+            command = {"evaluate": "eval", "data_check": "data check"}.get(fn.__name__, fn.__name__)
             err.print(
                 f"[red]error:[/red] `seg {command}` needs {e.name.split('.')[0]}, from the training extra:"
                 " pip install 'seg\\[train]' (prediction and serving do not)",
@@ -260,6 +263,48 @@ def models(
             s = summarize(a, e, classes, in_channels, height, width)
             table.add_row(a, e, f"{s['params'] / 1e6:.1f}", f"{s['macs'] / 1e9:.1f}")
     Console().print(table)
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    config: Path = typer.Argument(..., help="YAML config file (its data section)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set data.val_fraction=0.1 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Read every image and mask once, as training does: images and pixels per class in each split, the
+    image sizes, and every problem with its file. Exit code 1 when there are problems."""
+    from rich.table import Table
+
+    from seg.config import load_config
+    from seg.data import Survey, find_samples, survey
+    from seg.errors import DataError
+
+    data = load_config(config, set_).data
+    try:
+        train_samples, val_samples = find_samples(data)
+        report = survey({"train": train_samples, "val": val_samples}, data)
+    except DataError as e:  # the data set as a whole: no folder, no images, a JSON that does not parse
+        report = Survey({}, [str(e)])
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        console = Console()
+        for split, info in report.splits.items():
+            total = sum(info["pixels"].values()) or 1
+            sizes = ", ".join(f"{size} ({n})" for size, n in list(info["sizes"].items())[:6])
+            more = len(info["sizes"]) - 6
+            table = Table("class", "pixels", "share", title=f"{split}: {info['images']} images; sizes {sizes}"
+                          + (f" and {more} more" if more > 0 else ""), title_justify="left")  # fmt: skip
+            for name, n in info["pixels"].items():
+                table.add_row(name, str(n), f"{100 * n / total:.2f} %")
+            table.add_row("(ignored)", str(info["ignored"]), "")
+            console.print(table)
+        for problem in report.problems:
+            err.print(f"[red]problem:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+        err.print(f"{len(report.problems)} problems" if report.problems else "no problems found")
+    if report.problems:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover

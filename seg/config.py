@@ -34,17 +34,21 @@ class Transform(Section):
 
 
 class DataConfig(Section):
-    format: Literal["folder", "voc"] = "folder"
+    format: Literal["folder", "voc", "coco", "labelme", "cvat"] = "folder"
     root: Path
     images: str = "images"
     masks: str = "masks"
+    annotations: Path | None = None  # coco: the (train) JSON; labelme: the folder of JSON files (default root)
+    val_annotations: Path | None = None  # coco: a second JSON for the val split
+    val_images: str | None = None  # coco: the val JSON's image folder (default: images)
     train_list: Path | None = None
     val_list: Path | None = None
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     classes: list[str] | None = None
     palette: list[list[int]] | None = None
-    mask_mode: Literal["auto", "index", "binary"] = "auto"
+    mask_mode: Literal["auto", "index", "binary", "color"] = "auto"
     ignore_index: int = 255
+    ignore_color: list[int] | None = None  # color masks: this colour is the ignore index
     in_channels: int = Field(3, ge=1)
     normalize: Normalization = Field(default_factory=Normalization)
     crop_size: int = Field(256, ge=8)
@@ -52,13 +56,13 @@ class DataConfig(Section):
     kind: Literal["em", "natural"] | None = None
     cache: bool = True
 
-    @field_validator("palette")
+    @field_validator("palette", "ignore_color")
     @classmethod
-    def _rgb(cls, palette):
-        for colour in palette or []:
+    def _rgb(cls, value, info):
+        for colour in (value or []) if info.field_name == "palette" else [value] if value else []:
             if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-                raise ValueError(f"palette colours are [r, g, b] in 0..255, got {colour}")
-        return palette
+                raise ValueError(f"colours are [r, g, b] in 0..255, got {colour}")
+        return value
 
     @model_validator(mode="after")
     def _defaults(self):
@@ -68,6 +72,16 @@ class DataConfig(Section):
             raise ValueError("classes needs at least two names (background and one more)")
         if self.palette is not None and len(self.palette) < len(self.classes):
             raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes")
+        if self.format == "coco" and self.annotations is None:
+            raise ValueError("format coco needs annotations: the COCO JSON, relative to root")
+        if self.format == "cvat":
+            self.mask_mode = "color"
+        if self.mask_mode == "color":
+            colours = [tuple(c) for c in self.class_palette[: len(self.classes)]]
+            if self.ignore_color:
+                colours.append(tuple(self.ignore_color))
+            if len(set(colours)) < len(colours):
+                raise ValueError("mask_mode color needs a different colour for each class (palette, ignore_color)")
         if self.kind is None:
             self.kind = "natural" if self.format == "voc" or self.in_channels == 3 else "em"
         return self
@@ -221,6 +235,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def validate_config(raw: dict[str, Any], path: str | Path = "<config>") -> Config:
     base = Path(path).parent
+    raw = _from_export(raw, base, path)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
@@ -236,6 +251,38 @@ def validate_config(raw: dict[str, Any], path: str | Path = "<config>") -> Confi
     return cfg
 
 
+def _from_export(raw: dict[str, Any], base: Path, path: str | Path) -> dict[str, Any]:
+    """For an annotation tool's export: classes read from it when the config has none
+    (`seg.annotations.class_names`); for CVAT, a zip unpacked, and the colours from labelmap.txt."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or data.get("format") not in ("coco", "labelme", "cvat"):
+        return raw
+    from seg.annotations import IGNORE_LABEL, class_names, cvat_root, labelmap, unpack_zip
+    from seg.errors import DataError
+
+    data = dict(data)
+    root = Path(str(data.get("root") or "."))
+    root = root if root.is_absolute() else (base / root).resolve()
+    try:
+        if data["format"] == "cvat":
+            root = cvat_root(unpack_zip(root) if root.suffix == ".zip" and root.is_file() else root)
+            data["root"] = str(root)
+        if not root.is_dir():
+            return raw  # _resolve_paths names it
+        if data.get("classes") is None:
+            data["classes"] = class_names(data, root)["classes"]
+        if data["format"] == "cvat":
+            labels = labelmap(root)
+            missing = [name for name in data["classes"] if name not in labels]
+            if missing:
+                raise DataError(f"{root / 'labelmap.txt'}: no colour for data.classes {missing}")
+            data["palette"] = [labels[name] for name in data["classes"]]
+            data.setdefault("ignore_color", labels.get(IGNORE_LABEL))
+    except DataError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return {**raw, "data": data}
+
+
 def _resolve_paths(cfg: Config, base: Path, path: str | Path) -> None:
     if not cfg.output.dir.is_absolute():
         cfg.output.dir = (base / cfg.output.dir).resolve()
@@ -244,8 +291,10 @@ def _resolve_paths(cfg: Config, base: Path, path: str | Path) -> None:
         data.root = (base / data.root).resolve()
     if not data.root.is_dir():
         raise ConfigError(f"{path}: data.root: no such folder {data.root}")
-    for key in ("train_list", "val_list"):
+    for key in ("train_list", "val_list", "annotations", "val_annotations"):
         value = getattr(data, key)
+        if key == "annotations" and data.format == "labelme":
+            continue  # a folder, checked by seg.annotations
         if value is not None:
             value = value if value.is_absolute() else data.root / value
             if not value.is_file():

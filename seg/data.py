@@ -1,18 +1,23 @@
-"""Samples for training and evaluation: a folder of images and masks, or a PASCAL VOC tree.
+"""Samples for training and evaluation: a folder of images and masks (index or colour masks), a PASCAL
+VOC tree, or an annotation tool's export (COCO, labelme, CVAT: `seg.annotations`).
 
-`find_samples` lists (image, mask) pairs and splits them; `load_pair` reads one pair and checks the two
-against each other; `check_samples` reads every pair once before training so a bad file is reported up
-front. No torch here: the torch data set is `training.data.SegmentationDataset`.
+`find_samples` lists the samples and splits them; `load_pair` reads one and checks image and mask against
+each other; `survey` reads every sample once, counting pixels per class and collecting every problem
+(`seg data check`); `check_samples` runs it before training so a bad file is reported up front.
+No torch here: the torch data set is `training.data.SegmentationDataset`.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from seg import annotations
 from seg.config import DataConfig
 from seg.errors import DataError, ImageError
 from seg.imageio import is_image_file, read_image, read_mask, to_channels
@@ -20,16 +25,46 @@ from seg.imageio import is_image_file, read_image, read_mask, to_channels
 
 @dataclass(frozen=True)
 class Sample:
+    """An image and its mask file, or the `target` that draws its mask from annotations."""
+
     name: str
     image: Path
-    mask: Path
+    mask: Path | None = None
+    target: Any = field(default=None, compare=False)  # seg.annotations: draw(height, width, ignore_index)
 
 
 def find_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
     """(train, val) sample lists for the config's data section."""
     if data.format == "voc":
         return _voc_samples(data)
+    if data.format == "coco":
+        return _coco_samples(data)
+    if data.format == "labelme":
+        return _split(annotations.labelme_samples(data, data.root), data, data.root)
+    if data.format == "cvat":
+        return _cvat_samples(data)
     return _folder_samples(data)
+
+
+def _coco_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    root = data.root
+    masks = root / data.masks
+    train = annotations.coco_samples(data.annotations, root / data.images, data.classes, masks)
+    if data.val_annotations is None:
+        return _split({s.name: s for s in train}, data, root)
+    images = root / (data.val_images or data.images)
+    return train, annotations.coco_samples(data.val_annotations, images, data.classes, masks)
+
+
+def _cvat_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    """CVAT's Segmentation mask 1.1: JPEGImages/, SegmentationClass/ (colour PNGs), ImageSets/Segmentation."""
+    root, chosen = data.root, data.model_fields_set
+    images = data.images if "images" in chosen else "JPEGImages"
+    pairs = _pairs(root, images, data.masks if "masks" in chosen else "SegmentationClass")
+    lists = root / "ImageSets" / "Segmentation"
+    if not (data.train_list or data.val_list) and (lists / "train.txt").is_file() and (lists / "val.txt").is_file():
+        return _nonempty(_listed(pairs, lists / "train.txt"), "train", root), _listed(pairs, lists / "val.txt")
+    return _split(pairs, data, root)
 
 
 def _pairs(root: Path, images: str, masks: str) -> dict[str, Sample]:
@@ -60,7 +95,11 @@ def _folder_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
         train = list(_pairs(root / "train", data.images, data.masks).values())
         val = list(_pairs(root / "val", data.images, data.masks).values())
         return _nonempty(train, "train", root), _nonempty(val, "val", root)
-    pairs = _pairs(root, data.images, data.masks)
+    return _split(_pairs(root, data.images, data.masks), data, root)
+
+
+def _split(pairs: dict[str, Sample], data: DataConfig, root: Path) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) by data.train_list / val_list, else a seeded val_fraction of the names."""
     if data.train_list or data.val_list:
         train = _listed(pairs, data.train_list) if data.train_list else None
         val = _listed(pairs, data.val_list) if data.val_list else []
@@ -137,12 +176,17 @@ def encode_mask(raw: np.ndarray, data: DataConfig, path: Path | str = "mask") ->
 
 def load_pair(sample: Sample, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """The image (H, W, C) in its own dtype and the mask (H, W) int64, checked against each other."""
+    target = sample.target
     try:
-        image = to_channels(read_image(sample.image), data.in_channels)
+        embedded = target.image() if hasattr(target, "image") and not sample.image.is_file() else None
+        image = to_channels(embedded if embedded is not None else read_image(sample.image), data.in_channels)
     except ImageError as err:
-        raise DataError(str(err) if str(sample.image) in str(err) else f"{sample.image}: {err}") from None
+        message = str(err) if str(sample.image) in str(err) else f"{sample.image}: {err}"
+        raise DataError(f"{target.source}: {message}" if target is not None else message) from None
+    if target is not None:
+        return image, target.draw(image.shape[0], image.shape[1], data.ignore_index)
     try:
-        raw = read_mask(sample.mask)
+        raw = read_image(sample.mask) if data.mask_mode == "color" else read_mask(sample.mask)
     except ImageError as err:
         raise DataError(str(err)) from None
     if raw.shape[:2] != image.shape[:2]:
@@ -150,14 +194,59 @@ def load_pair(sample: Sample, data: DataConfig) -> tuple[np.ndarray, np.ndarray]
             f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but image {sample.image.name} is "
             f"{image.shape[1]}x{image.shape[0]}"
         )
+    if data.mask_mode == "color":
+        if raw.ndim != 3 or raw.shape[2] < 3:
+            raise DataError(f"{sample.mask}: mask_mode color needs RGB masks, this one is grey")
+        ignore = {tuple(data.ignore_color): data.ignore_index} if data.ignore_color else None
+        return image, annotations.colours_to_index(raw, data.class_palette[: data.num_classes], sample.mask, ignore)
     return image, encode_mask(raw, data, sample.mask)
 
 
+@dataclass
+class Survey:
+    """What `survey` found: per split, images, pixels per class, ignored pixels and image sizes; problems."""
+
+    splits: dict[str, dict[str, Any]]
+    problems: list[str]
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"splits": self.splits, "problems": self.problems}
+
+
+def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False) -> Survey:
+    """Read every sample once, as training does; a bad sample is a problem, not the end of the survey.
+    With `keep`, the pairs read are kept in `cache` (for `data.cache`)."""
+    report = Survey({}, [])
+    for split, samples in splits.items():
+        pixels = np.zeros(data.num_classes, np.int64)
+        ignored, sizes = 0, Counter()
+        for sample in samples:
+            try:
+                image, mask = load_pair(sample, data)
+            except DataError as err:
+                report.problems.append(str(err))
+                continue
+            counts = np.bincount(mask[mask != data.ignore_index].ravel(), minlength=data.num_classes)
+            pixels += counts[: data.num_classes]
+            ignored += int((mask == data.ignore_index).sum())
+            sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+            if keep:
+                report.cache[sample.name] = (image, mask)
+        report.splits[split] = {
+            "images": len(samples),
+            "pixels": dict(zip(data.classes, pixels.tolist())),
+            "ignored": ignored,
+            "sizes": dict(sizes.most_common()),
+        }
+    return report
+
+
 def check_samples(samples: list[Sample], data: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read every pair once (raises DataError naming the first bad file); returns them if caching."""
-    cache = {}
-    for sample in samples:
-        pair = load_pair(sample, data)
-        if data.cache:
-            cache[sample.name] = pair
-    return cache
+    """Read every pair once; raises DataError with the first problem (and how many more there are);
+    returns the pairs if caching."""
+    report = survey({"all": samples}, data, keep=data.cache)
+    if report.problems:
+        more = len(report.problems) - 1
+        raise DataError(report.problems[0] + (f" (and {more} more problems: seg data check lists them)" if more else ""))
+    return report.cache
