@@ -414,3 +414,23 @@ def test_data_check_reports_a_config_error_in_one_line(tmp_path):
     assert result.stderr.strip() == (
         f"error: {config}: data.annotations: format coco needs the annotation JSON (relative to data.root)"
     )
+
+
+@pytest.mark.parametrize("name", ["coco", "labelme", "cvat"])
+def test_shipped_configs_read_an_export(tmp_path, name):
+    from seg.config import load_config
+    from seg.data import find_samples
+
+    root = tmp_path / name
+    overrides = [f"data.root={root}"]
+    if name == "coco":
+        coco_export(root)
+        overrides += ["data.annotations=annotations.json", "data.images=images"]
+    elif name == "labelme":
+        labelme_export(root)
+    else:
+        cvat_export(root)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml", overrides)
+    assert cfg.data.classes == ["background", "cell", "vesicle"]
+    train, val = find_samples(cfg.data)
+    assert len(train) + len(val) == (5 if name == "cvat" else 4) and val
