@@ -41,7 +41,10 @@ from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import BaseModel, Field, Strict, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 
 from seg import imageio
 from seg.errors import ImageError, SegError
@@ -153,6 +156,11 @@ def client_errors(endpoint):
     return answer
 
 
+# The page at /ui: one static file that calls the endpoints below (open even with SEG_API_KEY, which it asks for).
+UI = Starlette(routes=[Mount("/", StaticFiles(directory=Path(__file__).with_name("ui"), html=True))])
+
+
+@bentoml.asgi_app(UI, path="/ui")
 @bentoml.service(
     name="seg",
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.concurrency},
@@ -230,6 +238,16 @@ class Segmentation:
         bands = overlay_bands(pixels, result.mask, self.predictor.info.palette, alpha, check)
         data = encode_bands(bands, *result.mask.shape, format)
         return Response(data, media_type=f"image/{format}", headers=timing(result))
+
+    @bentoml.api(route="/preview")
+    @client_errors
+    def preview(self, image: ImageFile) -> Annotated[Path, ContentType("image/png")]:
+        """The image as 8-bit RGB, stretched as /overlay stretches it (for TIFF and 16-bit images, which
+        browsers do not show); the model does not run."""
+        check = request_check(self.settings.timeout)
+        pixels = read_upload(image, self.settings, self.predictor.info.in_channels)
+        bands = (rgb for _, rgb in display_bands(pixels, check))
+        return Response(encode_bands(bands, *pixels.shape[:2], "png"), media_type="image/png")
 
     @bentoml.api(route="/info")
     def info(self) -> ServiceInfo:
@@ -333,17 +351,22 @@ def stop_on_signals() -> None:
         signal.signal(number, handler)
 
 
+def display_bands(image: np.ndarray, check: Callable[[], None]) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, 8-bit RGB band) of about BAND_PIXELS pixels each, every band stretched by one display
+    range (from the same sample as `Predictor.predict_file`'s), so that no whole-image copy is made."""
+    shown = imageio.display_range(ArraySource(image).sample())
+    rows = max(1, BAND_PIXELS // image.shape[1])
+    for y in range(0, image.shape[0], rows):
+        check()
+        yield y, imageio.to_display_rgb(image[y : y + rows], shown)
+
+
 def overlay_bands(
     image: np.ndarray, mask: np.ndarray, palette: list, alpha: float, check: Callable[[], None]
 ) -> Iterator[np.ndarray]:
-    """The overlay as 8-bit RGB row bands of about BAND_PIXELS pixels, every band stretched by one display
-    range (from the same sample as `Predictor.predict_file`'s), so that no whole-image copy is made."""
-    shown = imageio.display_range(ArraySource(image).sample())
-    rows = max(1, BAND_PIXELS // mask.shape[1])
-    for y in range(0, mask.shape[0], rows):
-        check()
-        rgb = imageio.to_display_rgb(image[y : y + rows], shown)
-        yield imageio.overlay(rgb, mask[y : y + rows], palette, alpha)
+    """The overlay as 8-bit RGB row bands (`display_bands`) with the mask's classes blended in."""
+    for y, rgb in display_bands(image, check):
+        yield imageio.overlay(rgb, mask[y : y + len(rgb)], palette, alpha)
 
 
 def encode_bands(bands: Iterator[np.ndarray], height: int, width: int, format: str) -> bytes:

@@ -330,6 +330,22 @@ def test_overlay(server, em, em_mask, em_png):
     assert Image.open(io.BytesIO(jpeg.content)).size == (512, 512)
 
 
+def test_preview_is_the_overlay_without_the_mask(server, em_png):
+    """/preview: the image as /overlay shows it (alpha 0), from a 16-bit TIFF a browser cannot show."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(1000, 5000, (300, 200), dtype=np.uint16)
+    tiff = encode(image, "TIFF")
+    shown = post(server.url, tiff, route="/preview")
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+    assert "server-timing" not in shown.headers  # no prediction ran
+    rgb = np.asarray(Image.open(io.BytesIO(shown.content)))
+    assert rgb.shape == (300, 200, 3) and rgb.dtype == np.uint8 and rgb.max() == 255 and rgb.min() == 0
+    blank = np.asarray(Image.open(io.BytesIO(post(server.url, tiff, route="/overlay", alpha=0.0).content)))
+    np.testing.assert_array_equal(rgb, blank)
+    broken = post(server.url, em_png[:200], route="/preview")
+    assert broken.status_code == 400 and "error" in broken.json()
+
+
 def test_info(server, local):
     info = httpx.post(server.url + "/info", json={}).json()
     assert info["name"] == local.info.name and info["classes"] == local.info.classes
@@ -428,8 +444,9 @@ def test_api_key_gates_model_endpoints_only(guarded, em_png, tmp_path):
         response = post(guarded.url, em_png, headers=headers)
         assert response.status_code == 401 and "API key" in response.json()["error"]
     assert httpx.post(guarded.url + "/info", json={}).status_code == 401
-    for path in ("/livez", "/readyz", "/metrics", "/docs.json"):
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/ui/"):
         assert httpx.get(guarded.url + path).status_code == 200, path
+    assert post(guarded.url, em_png, route="/preview").status_code == 401
     response = post(guarded.url, em_png, headers={"authorization": f"Bearer {KEY}"})
     assert response.status_code == 200 and mask_of(response.content).shape == (512, 512)
     path = tmp_path / "em.png"
