@@ -240,8 +240,8 @@ def run_batch(
     jobs = expand_inputs(items, exclude=out)[part_id::num_parts]
     plan_outputs(jobs, out, fmt, overlay, probabilities, confidence)
     console.print(
-        f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.info.num_classes} classes)"
-        f" on {predictor.device}; tile {options.tile}, overlap {options.overlap:g}, batch {options.batch_size}"
+        f"model {predictor.path} ({predictor.info.arch}/{predictor.info.encoder}, {predictor.info.num_classes} classes,"
+        f" {predictor.info.precision}) on {predictor.device}; tile {options.tile}, overlap {options.overlap:g}, batch {options.batch_size}"
         f", TTA {options.tta}; {len(jobs)} input(s)"
         + (f" (part {part_id} of {num_parts})" if num_parts > 1 else ""),
         highlight=False, soft_wrap=True,
@@ -274,6 +274,7 @@ def run_batch(
             "model_name": predictor.info.name,
             "model_sha256": settings["model_sha256"],
             "provider": predictor.provider,
+            "precision": predictor.info.precision,
             "classes": predictor.info.classes,
             "tile": options.tile,
             "overlap": options.overlap,

@@ -93,6 +93,12 @@ def train(
     run_training(cfg, resume=resume, console=err)
 
 
+PRECISION = typer.Option(
+    "auto", "--precision",
+    help="auto (on the CPU, MODEL.int8.onnx beside MODEL.onnx when there is one), fp32 (the file as named) or int8.",
+)  # fmt: skip
+
+
 @app.command("eval")
 @user_errors
 def evaluate(
@@ -102,12 +108,13 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here (default: beside the model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: str = typer.Option("auto", "--tta", help="Test-time augmentation: none, flips (4 runs per tile), d4 (8: rotations and flips) or auto (d4 on two-class EM data, else none)."),
+    precision: str = PRECISION,
 ):
     """Evaluate a model on labelled images: per-class IoU and Dice, mIoU, pixel accuracy (and the ISBI
     challenge's Rand error and variation of information on two-class EM data)."""
     from training.evaluate import evaluate as run_eval, print_table
 
-    result = run_eval(model, data, split=split, device=device, tta=tta)
+    result = run_eval(model, data, split=split, device=device, tta=tta, precision=precision)
     print_table(result, Console())
     target = out or (model if model.is_dir() else model.parent) / f"eval_{split}.json"
     from seg.imageio import atomic_path
@@ -124,10 +131,19 @@ def export(
     out: Path = typer.Option(..., "--out", help="The ONNX file to write."),
     opset: int = typer.Option(18, help="ONNX opset."),
     fp16: bool = typer.Option(False, "--fp16", help="Store weights and compute in float16."),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUT's int8 model, NAME.int8.onnx, for CPUs, if it passes the accuracy gate (RUN may then be an exported .onnx)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="--int8: the config whose train split calibrates and val split gates (default: the run's config.yaml)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="--int8: a folder of calibration images instead of the train split."),
+    calibration_images: int = typer.Option(16, "--calibration-images", help="--int8: images to calibrate on (2 tiles each)."),
+    int8_margin: float = typer.Option(0.5, "--int8-margin", help="--int8: validation mIoU points the int8 model may lose; more and it is not written (exit 1)."),
 ):
-    """Export a checkpoint to ONNX with its metadata, and check it against PyTorch."""
+    """Export a checkpoint to ONNX with its metadata, and check it against PyTorch; with --int8 also its
+    static INT8 model, checked on the validation split."""
     from training.export import export_onnx
 
+    if int8:
+        _export_int8(run, out, opset, data, calibration, calibration_images, int8_margin)
+        return
     report = export_onnx(run, out, opset=opset, fp16=fp16)
     meta = report["metadata"]
     console = Console()
@@ -147,6 +163,39 @@ def export(
             f"parity {shape}: max abs diff {row['max_abs_diff']:.2e} (bound {row['bound']:.1e}, {report['provider']})",
             highlight=False,
         )
+
+
+def _export_int8(run: Path, out: Path, opset: int, data: Path | None, calibration: Path | None, count: int, margin: float) -> None:
+    """`seg export --int8`: the fp32 export (unless RUN is one), then its int8 model behind the gate."""
+    import shutil
+
+    from training.quantize import GateFailed, export_int8
+
+    if run.suffix == ".onnx":
+        if run.resolve() != out.resolve():
+            shutil.copyfile(run, out)
+    else:
+        from training.export import export_onnx
+
+        export_onnx(run, out, opset=opset)
+        err.print(f"wrote {out}", highlight=False, soft_wrap=True)
+    if data is None:
+        folders = [run] if run.is_dir() else [run.parent, run.parent.parent]  # a run, or its checkpoints/x.pt
+        data = next((f / "config.yaml" for f in folders if (f / "config.yaml").is_file()), folders[0] / "config.yaml")
+        if not data.is_file():
+            raise SegError(f"--int8 needs the training config (--data CONFIG): no {data}")
+    try:
+        report = export_int8(out, data, calibration, count, margin)
+    except GateFailed as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    q = report["quantization"]
+    err.print(
+        f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB) in {report['seconds']:.1f} s: calibrated on"
+        f" {q['calibration_images']} images; validation mIoU {q['int8']['miou']:.4f} (fp32 {q['fp32']['miou']:.4f},"
+        f" {q['miou_drop_points']:+.2f} points lost, {q['margin_points']:g} allowed) on {q['val_images']} images",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 @app.command()
@@ -171,13 +220,14 @@ def predict(
     ray: bool = typer.Option(False, "--ray", help="Predict on Ray Data actors (a local Ray unless --ray-address or RAY_ADDRESS); needs seg[distributed]."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="A Ray cluster to join: auto, or ray://HOST:10001."),
     ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="Ray actors (default: one per GPU, else the cluster's CPUs / --threads)."),
+    precision: str = PRECISION,
 ):
     """Segment images by tiles with an ONNX model (default: $SEG_MODEL, else the bundled one)."""
     from seg.batch import run_batch, split_model
     from seg.predictor import Predictor
 
     model, items = split_model(inputs)
-    predictor = Predictor.from_onnx(model, device=device, threads=threads)
+    predictor = Predictor.from_onnx(model, device=device, threads=threads, precision=precision)
     options = predictor.info.tiling(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, edges=edges)
     summary = run_batch(
         predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
@@ -217,6 +267,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", envvar="SEG_HOST", help="Address to listen on."),
     port: int = typer.Option(3000, envvar="SEG_PORT", help="Port."),
     workers: int = typer.Option(1, envvar="SEG_WORKERS", help="Worker processes (each loads its own copy of the model; worker i uses GPU i mod the GPUs)."),
+    precision: str = typer.Option("auto", "--precision", envvar="SEG_PRECISION", help="auto (on the CPU, MODEL.int8.onnx beside MODEL.onnx when there is one), fp32 or int8."),
 ):
     """Start the HTTP service (BentoML): segment, segment_json, overlay, info; limits from SEG_* variables."""
     import os
@@ -229,8 +280,9 @@ def serve(
         raise SegError(f"{path}: no bundled model yet; pass one: seg serve model.onnx (see `seg export`)")
     if workers < 1:
         raise SegError(f"--workers {workers}: must be at least 1")
-    Predictor.from_onnx(path, device="cpu")  # a missing or foreign file fails here, with one line, not in every worker
-    env = {**os.environ, "SEG_MODEL": str(path), "SEG_WORKERS": str(workers), "BENTOML_DO_NOT_TRACK": "True"}
+    Predictor.from_onnx(path, device="cpu", precision=precision)  # a bad file or precision fails here, in one line
+    env = {**os.environ, "SEG_MODEL": str(path), "SEG_WORKERS": str(workers), "SEG_PRECISION": precision,
+           "BENTOML_DO_NOT_TRACK": "True"}  # fmt: skip
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Segmentation", "--host", host,
                "--port", str(port), "--working-dir", str(root)]  # fmt: skip

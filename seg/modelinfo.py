@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from seg.errors import SegError
 from seg.preprocess import Normalization
@@ -48,6 +48,11 @@ class ModelInfo(BaseModel):
     ignore_index: int = 255
     version: str = Field("", description="seg's version at export")
     fp16: bool = False
+    quantization: dict[str, Any] = Field(
+        default_factory=dict,
+        description="empty for a float model; for `seg export --int8`: method, calibration size, the gate's "
+        "margin and the fp32 and int8 validation figures",
+    )
     opset: int | None = None
     epoch: int | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="build_model's arguments")
@@ -68,6 +73,12 @@ class ModelInfo(BaseModel):
             classes = ["background", *classes]
         palette = [[int(v) for v in colour] for colour in values.get("palette") or []][: len(classes)]
         return {**values, "classes": classes, "palette": palette + default_palette(len(classes))[len(palette) :]}
+
+    @computed_field(description="what the network computes in: int8, fp16 or fp32")
+    @property
+    def precision(self) -> str:
+        """What the network computes in: "int8", "fp16" or "fp32"."""
+        return "int8" if self.quantization else "fp16" if self.fp16 else "fp32"
 
     @property
     def num_classes(self) -> int:

@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from seg.errors import ImageError
+from seg.errors import ImageError, SegError
 from seg.imageio import display_range, is_tiff, overlay, to_channels, to_display_rgb
 from seg.modelinfo import ModelInfo
 from seg.preprocess import effective_mode, intensity_range, normalize
-from seg.runtime import create_session, describe_provider, onnx_runner, read_model_info
+from seg.runtime import choose_model, create_session, describe_provider, onnx_runner, read_model_info
 from seg.sources import ArraySource, ImageSource, TiffSource, open_image
 from seg.tiling import Runner, TilingOptions, predict_tiled, tile_grid
 from seg.writers import band_writer, page_writer
@@ -97,6 +97,7 @@ class Predictor:
     def from_onnx(
         cls, path: str | Path, device: str = "auto", threads: int | None = None, options: TilingOptions | None = None,
         gpu: int = 0,
+        precision: str = "auto",
     ) -> "Predictor":
         """A predictor of an ONNX file written by `seg export`.
 
@@ -106,10 +107,18 @@ class Predictor:
             threads: ONNX Runtime intra-op threads on the CPU (None: its default, the physical cores).
             options: the default tiling (None: the model's).
             gpu: the CUDA device id, on CUDA.
+            precision: "auto" runs NAME.int8.onnx instead of NAME.onnx on the CPU when it is there
+                (`seg export --int8`); "fp32" the file as named; "int8" its int8 variant. `path` and
+                `info.precision` say what runs.
         """
-        path = Path(path)
+        named = Path(path)
+        path = choose_model(named, precision, device)
         session, provider = create_session(path, device=device, threads=threads, gpu=gpu)
         info = read_model_info(session, path)
+        if precision == "int8" and info.precision != "int8":
+            raise SegError(f"{named}: --precision int8, but there is no {path.name.removesuffix('.onnx')}.int8.onnx beside it (seg export --int8)")
+        if precision == "fp32" and info.precision == "int8":
+            raise SegError(f"{named}: --precision fp32, but this is an int8 model; name its float model")
         device = describe_provider(provider)
         return cls(onnx_runner(session), info, options, provider=provider, device=device, path=path)
 

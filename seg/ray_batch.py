@@ -39,7 +39,7 @@ class PredictActor:
     """A Ray Data actor: one predictor, built once, for every row it is given."""
 
     def __init__(self, model: str, device: str, threads: int, options: dict[str, Any]):
-        self.predictor = Predictor.from_onnx(model, device=device, threads=threads)
+        self.predictor = Predictor.from_onnx(model, device=device, threads=threads)  # the file the driver chose
         self.options = TilingOptions(**options)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:

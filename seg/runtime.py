@@ -22,6 +22,7 @@ from seg.errors import SegError
 from seg.modelinfo import ModelInfo
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "int8")
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "model.onnx"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -30,6 +31,25 @@ CUDA = "CUDAExecutionProvider"
 def default_model() -> Path:
     """The model used when none is named: $SEG_MODEL, else the bundled one."""
     return Path(os.environ.get("SEG_MODEL") or BUNDLED_MODEL)
+
+
+def int8_variant(path: str | Path) -> Path:
+    """Where the int8 model of `path` lives: NAME.int8.onnx beside NAME.onnx (`seg export --int8`)."""
+    path = Path(path)
+    return path if path.name.endswith(".int8.onnx") else path.with_name(f"{path.name.removesuffix('.onnx')}.int8.onnx")
+
+
+def choose_model(path: str | Path, precision: str = "auto", device: str = "auto") -> Path:
+    """The file to run for `precision`: "auto" takes the int8 variant on the CPU (`device` cpu, or auto
+    without a usable GPU) when there is one, else `path`; "int8" the int8 variant (or `path` itself);
+    "fp32" `path` as it is."""
+    path = Path(path)
+    if precision not in PRECISIONS:
+        raise SegError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    variant = int8_variant(path)
+    if precision == "int8" or (precision == "auto" and variant.is_file() and (device == "cpu" or (device == "auto" and not cuda_usable()))):
+        return variant if variant.is_file() else path
+    return path
 
 
 def read_model_info(session: Any, path: str | Path = "model") -> ModelInfo:

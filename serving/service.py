@@ -131,10 +131,11 @@ class SegmentResult(BaseModel):
 
 
 class ServiceInfo(ModelInfo):
-    """/info: the model's `ModelInfo`, what runs it, and the server's limits."""
+    """/info: the model's `ModelInfo` (with `precision`: fp32, fp16 or int8), what runs it, and the server's limits."""
 
     provider: str
     device: str
+    model_file: str = Field(description="the ONNX file running: SEG_MODEL, or its int8 model (SEG_PRECISION)")
     worker: int = Field(description="this worker's index, from 1 (SEG_WORKERS=N runs N)")
     gpu: int | None = Field(
         None, json_schema_extra={"nullable": True},  # BentoML's schema keeps only the int otherwise
@@ -175,7 +176,9 @@ class Segmentation:
         self.worker = bentoml.server_context.worker_index or 1
         gpus = gpu_count() if self.settings.device != "cpu" else 0
         self.gpu = (self.worker - 1) % gpus if gpus else None
-        self.predictor = Predictor.from_onnx(self.settings.model, device=self.settings.device, gpu=self.gpu or 0)
+        self.predictor = Predictor.from_onnx(
+            self.settings.model, device=self.settings.device, gpu=self.gpu or 0, precision=self.settings.precision
+        )
         if self.predictor.device != "cuda":
             self.gpu = None
         stop_on_signals()
@@ -255,7 +258,7 @@ class Segmentation:
         s = self.settings
         return ServiceInfo(
             **dict(self.predictor.info), provider=self.predictor.provider, device=self.predictor.device,
-            worker=self.worker, gpu=self.gpu,
+            model_file=str(self.predictor.path), worker=self.worker, gpu=self.gpu,
             limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                     "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
                     "overlap": [0.0, MAX_OVERLAP], "tta": list(TTA_LEVELS), "timeout": s.timeout,

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | SEG_MODEL | seg/assets/model.onnx | the ONNX model to serve |
 | SEG_DEVICE | auto | auto (CUDA when a GPU is usable, else CPU), cuda or cpu |
+| SEG_PRECISION | auto | auto (on the CPU, MODEL.int8.onnx beside the model when there is one), fp32 or int8 |
 | SEG_API_KEY | (none) | when set, model endpoints need `Authorization: Bearer KEY` |
 | SEG_MAX_BYTES | 134217728 | largest request body (128 MiB); larger ones get 413 |
 | SEG_MAX_PIXELS | 100000000 | largest image (width x height, read from the header); larger ones get 413 |
@@ -31,6 +32,7 @@ from seg.tiling import MIN_TILE
 class Settings:
     model: Path = BUNDLED_MODEL
     device: str = "auto"
+    precision: str = "auto"
     api_key: str | None = None
     max_bytes: int = 128 << 20
     max_pixels: int = 100_000_000
@@ -60,6 +62,7 @@ class Settings:
         return cls(
             model=Path(env.get("SEG_MODEL") or BUNDLED_MODEL),
             device=env.get("SEG_DEVICE") or "auto",
+            precision=env.get("SEG_PRECISION") or "auto",
             api_key=env.get("SEG_API_KEY") or None,
             max_bytes=number("SEG_MAX_BYTES", int, cls.max_bytes, 1),
             max_pixels=number("SEG_MAX_PIXELS", int, cls.max_pixels, 1),

@@ -18,10 +18,11 @@ from seg.metrics import ConfusionMatrix
 from seg.predictor import Predictor
 
 
-def load_predictor(model: Path, device: str = "auto") -> Predictor:
-    """The predictor of an exported model (.onnx, ONNX Runtime) or of a checkpoint or run folder (PyTorch)."""
+def load_predictor(model: Path, device: str = "auto", precision: str = "auto") -> Predictor:
+    """The predictor of an exported model (.onnx, ONNX Runtime; `precision` as `Predictor.from_onnx`) or of
+    a checkpoint or run folder (PyTorch)."""
     if model.suffix == ".onnx":
-        return Predictor.from_onnx(model, device=device)
+        return Predictor.from_onnx(model, device=device, precision=precision)
     from training.torch_runner import checkpoint_predictor
 
     return checkpoint_predictor(model, device)
@@ -48,7 +49,8 @@ EM_TTA = "d4"  # what `tta="auto"` means on two-class EM data: it lowered the he
 
 
 def evaluate(
-    model: str | Path, data: str | Path, split: str = "val", device: str = "auto", tta: str | bool = "auto"
+    model: str | Path, data: str | Path, split: str = "val", device: str = "auto", tta: str | bool = "auto",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a run folder, checkpoint or ONNX model on a config's split or a folder of images/masks.
 
@@ -60,7 +62,7 @@ def evaluate(
     model, data = Path(model), Path(data)
     if not model.exists():
         raise SegError(f"{model}: no such model, checkpoint or run folder")
-    predictor = load_predictor(model, device)
+    predictor = load_predictor(model, device, precision)
     info = predictor.info
     if data.is_file():
         cfg = load_config(data)
@@ -105,6 +107,7 @@ def evaluate(
             metrics[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     return {
         "model": str(predictor.path),
+        "precision": predictor.info.precision,
         "data": str(data),
         "split": split if data.is_file() else "folder",
         "images": len(samples),
