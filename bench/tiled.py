@@ -14,6 +14,12 @@ EM content (the ISBI 2012 slices, mosaicked; RGB from shifted copies) written as
 
     .venv/bin/python bench/tiled.py                              # 4096² speed for both models, memory 4096², 8192²
     .venv/bin/python bench/tiled.py --memory-sizes 20000 --models resnet18 --speed-size 0   # the big one
+    .venv/bin/python bench/tiled.py --resnet18-run runs/r18 --memory-sizes ''   # with int8 rows (below)
+
+INT8: where a model has its int8 variant (NAME.int8.onnx, `seg export --int8`: the bundled model ships one;
+with --resnet18-run, the U-Net resnet18 is that trained run, exported and quantized here behind the gate),
+the speed table adds ours and bare ORT on the int8 model, and the accuracy table both models' held-out
+mIoU (from the int8 file's gate figures: the run's validation split, no TTA).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from seg.runtime import int8_variant  # noqa: E402
 
 WORK = Path(os.environ.get("SEG_BENCH_DIR", Path(tempfile.gettempdir()) / "seg_bench"))
 BUNDLED = ROOT / "seg" / "assets" / "model.onnx"
@@ -79,7 +86,7 @@ def make_image(path: Path, size: int, channels: int = 3) -> Path:
     return path
 
 
-def make_models(names: list[str]) -> dict[str, dict[str, Any]]:
+def make_models(names: list[str], resnet18_run: Path | None = None) -> dict[str, dict[str, Any]]:
     """ONNX files (and checkpoints with the same weights, for MONAI) for the requested models."""
     from seg.imageio import default_palette
     from training.checkpoint import save_checkpoint
@@ -87,6 +94,9 @@ def make_models(names: list[str]) -> dict[str, dict[str, Any]]:
 
     models: dict[str, dict[str, Any]] = {}
     for name in names:
+        if name == "resnet18" and resnet18_run is not None:
+            models[name] = _trained_run(resnet18_run)
+            continue
         onnx_path, ckpt_path = WORK / f"{name}.onnx", WORK / f"{name}.pt"
         note = ""
         if name == "bundled" and BUNDLED.is_file():
@@ -123,6 +133,21 @@ def make_models(names: list[str]) -> dict[str, dict[str, Any]]:
     return models
 
 
+def _trained_run(run: Path) -> dict[str, Any]:
+    """A trained run exported to ONNX, and its int8 model behind the gate (`seg export --int8`)."""
+    from seg.runtime import int8_variant
+    from training.export import export_onnx
+    from training.quantize import export_int8
+
+    checkpoint = run / "checkpoints" / "best.pt"
+    onnx_path = WORK / f"{run.name}.onnx"
+    if not onnx_path.is_file():
+        export_onnx(checkpoint, onnx_path)
+    if not int8_variant(onnx_path).is_file():
+        export_int8(onnx_path, run / "config.yaml")
+    return {"onnx": onnx_path, "checkpoint": checkpoint, "note": f"trained: {run}"}
+
+
 def _bundled_checkpoint() -> Path | None:
     """The run the bundled model was exported from (runs/NAME/checkpoints/best.pt), if it is here and fits."""
     import torch
@@ -145,7 +170,7 @@ def child_ours(a: argparse.Namespace) -> dict[str, Any]:
     from seg.tiling import TilingOptions
 
     options = TilingOptions(tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
-    predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options)
+    predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options, precision=a.precision)
     base = peak_rss_mb()
     start = time.perf_counter()
     done = [0]
@@ -167,7 +192,7 @@ def child_bare(a: argparse.Namespace) -> dict[str, Any]:
     from seg.tiling import TilingOptions, tile_grid
 
     options = TilingOptions(tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
-    predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options)
+    predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options, precision=a.precision)
     with TiffSource(Path(a.image)) as source:
         height, width = source.height, source.width
     grid = tile_grid(height, width, options.tile, options.overlap, predictor.info.stride)
@@ -265,7 +290,10 @@ def child_patchinferer(a: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": seconds, "pixels": mask.size, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base}
 
 
-CHILDREN = {"ours": child_ours, "bare": child_bare, "monai": child_monai, "patchinferer": child_patchinferer}
+CHILDREN = {
+    "ours": child_ours, "bare": child_bare, "ours_int8": child_ours, "bare_int8": child_bare, "monai": child_monai,
+    "patchinferer": child_patchinferer,
+}  # fmt: skip
 
 
 def cpu_seconds() -> float:
@@ -277,7 +305,7 @@ def run_child(kind: str, model: dict[str, Any], image: Path, mask: Path, args: a
     cmd = [
         sys.executable, __file__, "--child", kind, "--model", str(model["onnx"]), "--image", str(image),
         "--mask", str(mask), "--tile", str(args.tile), "--overlap", str(args.overlap),
-        "--batch-size", str(args.batch_size),
+        "--batch-size", str(args.batch_size), "--precision", "int8" if kind.endswith("_int8") else "fp32",
     ]  # fmt: skip
     if model.get("checkpoint"):
         cmd += ["--checkpoint", str(model["checkpoint"])]
@@ -357,6 +385,9 @@ def main() -> None:
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--image", help=argparse.SUPPRESS)
     p.add_argument("--mask", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--resnet18-run", type=Path, default=None,
+                   help="a trained U-Net resnet18 run folder to use as the resnet18 model (exported and quantized here)")
     args = p.parse_args()
     if args.child:
         result = CHILDREN[args.child](args)
@@ -367,7 +398,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     names = [n for n in args.models.split(",") if n]
     memory_sizes = [int(s) for s in args.memory_sizes.split(",") if s]
-    models = make_models(sorted(set(names) | ({args.memory_model} if memory_sizes else set())))
+    models = make_models(sorted(set(names) | ({args.memory_model} if memory_sizes else set())), args.resnet18_run)
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k in
                                             ("tile", "overlap", "batch_size", "threads")},
                                "cpu_count": os.cpu_count(), "speed": [], "memory": []}  # fmt: skip
@@ -378,7 +409,7 @@ def main() -> None:
     def measure(name: str, size: int, kind: str) -> dict[str, Any]:
         """One child run, or the fastest of the runs so far (a shared machine makes single runs noisy)."""
         model = models[name]
-        channels = 3 if name == "resnet18" else 1
+        channels = _channels(model["onnx"])
         image = make_image(WORK / f"em_{size}_{'rgb' if channels == 3 else 'grey'}.tif", size, channels)
         result = run_child(kind, model, image, WORK / f"mask_{name}_{size}_{kind}.tif", args)
         result["mask"] = str(WORK / f"mask_{name}_{size}_{kind}.tif")
@@ -393,17 +424,24 @@ def main() -> None:
     if args.speed_size:
         for name in names:
             size = args.speed_size
-            for _ in range(args.repeats):  # round robin, so a busy spell of the machine hits all three alike
-                ours, bare, monai = (measure(name, size, kind) for kind in ("ours", "bare", "monai"))
+            int8 = int8_variant(models[name]["onnx"])
+            kinds = ("ours", "ours_int8", "bare", "bare_int8", "monai") if int8.is_file() else ("ours", "bare", "monai")
+            for _ in range(args.repeats):  # round robin, so a busy spell of the machine hits all kinds alike
+                measured = {kind: measure(name, size, kind) for kind in kinds}
+            ours, bare, monai = measured["ours"], measured["bare"], measured["monai"]
             row = {"model": name, "note": models[name]["note"], "size": size, "ours": ours, "bare": bare, "monai": monai,
                    "agreement": agreement(Path(ours["mask"]), Path(monai["mask"]))}  # fmt: skip
+            if int8.is_file():
+                row.update(ours_int8=measured["ours_int8"], bare_int8=measured["bare_int8"],
+                           int8_agreement=agreement(Path(ours["mask"]), Path(measured["ours_int8"]["mask"])),
+                           quantization=_quantization(int8))  # fmt: skip
             if args.patchinferer:
                 row["patchinferer"] = measure(name, size, "patchinferer")
             results["speed"].append(row)
     for size in memory_sizes:
         name = args.memory_model
         ours = runs.get((name, size, "ours")) or measure(name, size, "ours")
-        channels = 3 if name == "resnet18" else 1
+        channels = _channels(models[name]["onnx"])
         if size > args.monai_max:
             monai = {"estimate_gb": monai_estimate_gb(size, channels)}
         else:
@@ -414,6 +452,18 @@ def main() -> None:
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+def _channels(model: Path) -> int:
+    from seg.runtime import create_session, read_model_info
+
+    return read_model_info(create_session(model, "cpu")[0]).in_channels
+
+
+def _quantization(path: Path) -> dict[str, Any]:
+    from seg.runtime import create_session, read_model_info
+
+    return read_model_info(create_session(path, "cpu")[0]).quantization
 
 
 def _rate(r: dict[str, Any]) -> str:
@@ -436,6 +486,20 @@ def print_tables(results: dict[str, Any]) -> None:
                 print(f"| {row['model']} (MONAI PatchInferer + ZarrAvgMerger) | {row['size']}² | | {_rate(pi)} | "
                       f"{'%.2fx' % (ours['mp_per_s'] / pi['mp_per_s']) if 'mp_per_s' in pi else '-'} | | | "
                       f"peak RSS {pi.get('peak_rss_mb', 0):.0f} MB |")
+        int8_rows = [row for row in results["speed"] if "ours_int8" in row]
+        if int8_rows:
+            print("\n| model | image | ours fp32 MP/s | ours int8 MP/s | int8 / fp32 | bare ORT fp32 | bare ORT int8 |"
+                  " MONAI swi (fp32) | ours int8 / MONAI | masks equal | held-out mIoU fp32 | int8 |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for row in int8_rows:
+                ours, fast, monai, q = row["ours"], row["ours_int8"], row["monai"], row["quantization"]
+                speedup = fast["mp_per_s"] / ours["mp_per_s"] if "mp_per_s" in fast and "mp_per_s" in ours else None
+                vs_monai = fast["mp_per_s"] / monai["mp_per_s"] if "mp_per_s" in fast and "mp_per_s" in monai else None
+                agree = f"{row['int8_agreement']:.2%}" if row["int8_agreement"] is not None else "-"
+                print(f"| {row['model']} | {row['size']}² | {_rate(ours)} | {_rate(fast)} | "
+                      f"{'%.2fx' % speedup if speedup else '-'} | {_rate(row['bare'])} | {_rate(row['bare_int8'])} | "
+                      f"{_rate(monai)} | {'%.2fx' % vs_monai if vs_monai else '-'} | {agree} | "
+                      f"{q['fp32']['miou']:.4f} | {q['int8']['miou']:.4f} |")
         for row in results["speed"]:
             if row["note"]:
                 print(f"\n{row['model']}: {row['note']}")

@@ -205,7 +205,7 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Output folder (same relative paths and stems as the inputs)."),
     tile: Optional[int] = typer.Option(None, help="Tile side in pixels (default: the model's)."),
     overlap: Optional[float] = typer.Option(None, help="Tile overlap fraction in [0, 1) (default: the model's)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model call."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per model call (default: 4 on the CPU; on a GPU as many as half its free memory holds, up to 32)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: physical cores)."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips)."),
@@ -228,7 +228,7 @@ def predict(
 
     model, items = split_model(inputs)
     predictor = Predictor.from_onnx(model, device=device, threads=threads, precision=precision)
-    options = predictor.info.tiling(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, edges=edges)
+    options = predictor.options.replace(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, edges=edges)
     summary = run_batch(
         predictor, items, out, options, overlay=overlay, probabilities=probabilities, confidence=confidence,
         fmt=fmt, force=force, console=err, num_parts=num_parts, part_id=part_id,

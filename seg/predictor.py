@@ -31,7 +31,9 @@ from seg.errors import ImageError, SegError
 from seg.imageio import display_range, is_tiff, overlay, to_channels, to_display_rgb
 from seg.modelinfo import ModelInfo
 from seg.preprocess import effective_mode, intensity_range, normalize
-from seg.runtime import choose_model, create_session, describe_provider, onnx_runner, read_model_info
+from seg.runtime import (
+    CUDA, choose_model, create_session, describe_provider, gpu_batch_size, onnx_runner, read_model_info,
+)  # fmt: skip
 from seg.sources import ArraySource, ImageSource, TiffSource, open_image
 from seg.tiling import Runner, TilingOptions, predict_tiled, tile_grid
 from seg.writers import band_writer, page_writer
@@ -115,12 +117,14 @@ class Predictor:
         path = choose_model(named, precision, device)
         session, provider = create_session(path, device=device, threads=threads, gpu=gpu)
         info = read_model_info(session, path)
+        if options is None and provider == CUDA:  # tiles per batch for the GPU's free memory
+            options = info.tiling(batch_size=gpu_batch_size(info.tile_size, gpu))
         if precision == "int8" and info.precision != "int8":
             raise SegError(f"{named}: --precision int8, but there is no {path.name.removesuffix('.onnx')}.int8.onnx beside it (seg export --int8)")
         if precision == "fp32" and info.precision == "int8":
             raise SegError(f"{named}: --precision fp32, but this is an int8 model; name its float model")
         device = describe_provider(provider)
-        return cls(onnx_runner(session), info, options, provider=provider, device=device, path=path)
+        return cls(onnx_runner(session, gpu=gpu), info, options, provider=provider, device=device, path=path)
 
     def tile_count(self, height: int, width: int, options: TilingOptions | None = None) -> int:
         """Tiles that an image of this size is cut into (for progress bars)."""

@@ -371,3 +371,44 @@ def test_cuda_matches_cpu(unet_onnx, em_image):
     a = gpu.predict(em_image, probabilities=True).probabilities
     b = Predictor.from_onnx(unet_onnx, device="cpu").predict(em_image, probabilities=True).probabilities
     assert np.abs(a - b).max() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU")
+def test_cuda_uses_io_binding_and_a_batch_for_its_memory(unet_onnx, em_image):
+    from seg.runtime import BoundRunner, gpu_batch_size
+
+    gpu = Predictor.from_onnx(unet_onnx, device="cuda")
+    assert isinstance(gpu.run, BoundRunner) and gpu.run.device == "cuda"
+    assert gpu.options.batch_size == (gpu_batch_size(gpu.info.tile_size) or 4)
+    assert gpu.predict(em_image).mask.shape == em_image.shape[:2]
+
+
+def test_io_binding_runner_matches_session_run(unet_onnx, em_image):
+    """The I/O-bound runner (what CUDA uses) on the CPU provider: the same logits as `session.run`, its
+    device buffers kept while the batch shape stays and bound anew when it changes."""
+    from seg.runtime import BoundRunner, create_session, onnx_runner
+
+    session, _ = create_session(unet_onnx, device="cpu")
+    plain, bound = onnx_runner(session, bound=False), onnx_runner(session, bound=True)
+    assert isinstance(bound, BoundRunner)
+    rng = np.random.default_rng(0)
+    first = None
+    for shape in ((2, 1, 64, 96), (2, 1, 64, 96), (1, 1, 128, 64)):
+        batch = rng.normal(0, 1, shape).astype(np.float32)
+        np.testing.assert_allclose(bound(batch), plain(batch), atol=1e-6)
+        first = first or bound.input
+        assert (bound.input is first) == (shape == (2, 1, 64, 96))
+    a = Predictor(bound, Predictor.from_onnx(unet_onnx, device="cpu").info).predict(em_image, probabilities=True)
+    b = Predictor.from_onnx(unet_onnx, device="cpu").predict(em_image, probabilities=True)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+
+
+def test_gpu_batch_size_follows_free_memory():
+    from seg.runtime import gpu_batch_size
+
+    gib = 1 << 30
+    assert gpu_batch_size(512, free=80 * gib) == 32  # capped
+    assert gpu_batch_size(512, free=8 * gib) == 16  # half of 8 GiB at 256 MiB per 512² tile
+    assert gpu_batch_size(1024, free=8 * gib) == 4
+    assert gpu_batch_size(512, free=100 << 20) == 1
