@@ -288,12 +288,13 @@ def main() -> None:
         proc, url = start_server(model, args.device, Path(tmp) / "server.log")
         try:
             rows = [(size, *latency(url, predictor, data, args.repeats)) for size, data in pngs.items()]
+            ran = f"{predictor.path.name} ({predictor.info.precision})"  # the server chooses the same way
             del predictor  # the load test has the machine to the server
             result = load(url, pngs[args.load_size], args.requests, args.clients) if args.requests else None
         finally:
             stop_server(proc)
 
-    print(f"\nmodel {model.name}, device {args.device}, {os.cpu_count()} CPUs; medians of {args.repeats} runs\n")
+    print(f"\nmodel {ran}, device {args.device}, {os.cpu_count()} CPUs; medians of {args.repeats} runs\n")
     print("| image | HTTP /segment | in-process predict | overhead | overhead within a request |")
     print("| --- | --- | --- | --- | --- |")
     for size, http, local, within in rows:
