@@ -354,7 +354,8 @@ def data_check(
             console.print(table)
         for problem in report.problems:
             err.print(f"[red]problem:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
-        err.print(f"{len(report.problems)} problems" if report.problems else "no problems found")
+        count = len(report.problems)
+        err.print(f"{count} problem{'s' if count > 1 else ''}" if count else "no problems found")
     if report.problems:
         raise typer.Exit(1)
 
