@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 from seg.errors import SegError
-from seg.runtime import BUNDLED_MODEL
+from seg.runtime import BUNDLED_MODEL, PRECISIONS
 from seg.tiling import MIN_TILE
 
 
@@ -59,10 +59,13 @@ class Settings:
                 raise SegError(f"{name}={text!r}: must be at least {low}")
             return value
 
+        precision = env.get("SEG_PRECISION") or "auto"
+        if precision not in PRECISIONS:
+            raise SegError(f"SEG_PRECISION={precision!r}: choose one of {', '.join(PRECISIONS)}")
         return cls(
             model=Path(env.get("SEG_MODEL") or BUNDLED_MODEL),
             device=env.get("SEG_DEVICE") or "auto",
-            precision=env.get("SEG_PRECISION") or "auto",
+            precision=precision,
             api_key=env.get("SEG_API_KEY") or None,
             max_bytes=number("SEG_MAX_BYTES", int, cls.max_bytes, 1),
             max_pixels=number("SEG_MAX_PIXELS", int, cls.max_pixels, 1),

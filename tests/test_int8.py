@@ -145,3 +145,12 @@ def test_the_bundled_int8_model_passed_its_gate_and_runs_by_default():
     image = read_image(SAMPLES / "isbi_test_01.png")
     fp32 = Predictor.from_onnx(BUNDLED_MODEL, device="cpu", precision="fp32").predict(image).mask
     assert (predictor.predict(image).mask == fp32).mean() > 0.98  # 98.9 % on this slice
+
+
+def test_seg_precision_is_checked_when_the_server_reads_it():
+    from serving.settings import Settings
+
+    assert Settings.from_env({"SEG_PRECISION": "fp32"}).precision == "fp32"
+    assert Settings.from_env({}).precision == "auto"
+    with pytest.raises(SegError, match="SEG_PRECISION='fp8': choose one of auto, fp32, int8"):
+        Settings.from_env({"SEG_PRECISION": "fp8"})
