@@ -75,18 +75,18 @@ def colours_to_index(rgb: np.ndarray, palette: list[list[int]], path: Path | str
 # ---- class names from an export ------------------------------------------------------------------------
 
 
-def class_names(data: dict[str, Any], root: Path) -> dict[str, Any]:
-    """`classes` (and for CVAT `palette`) read from an export, for a config that leaves them out.
+def class_names(data: dict[str, Any], root: Path) -> list[str]:
+    """The classes of an export, for a config that leaves `classes` out.
 
     COCO instances: background, then the categories in the JSON's order; panoptic: the categories alone
     (unlabelled pixels are ignored). labelme: `labels.txt` in the root if there is one (labelme's own
     convention, `__ignore__` and `_background_` first), else background and every label found, sorted.
-    CVAT: labelmap.txt's labels in its order, with their colours."""
+    CVAT: labelmap.txt's labels in its order."""
     fmt = data.get("format")
     if fmt == "coco":
         doc = read_json(annotation_path(data, root))
         names = [str(c.get("name")) for c in doc.get("categories", [])]
-        return {"classes": names if is_panoptic(doc) else ["background", *names]}
+        return names if is_panoptic(doc) else ["background", *names]
     if fmt == "labelme":
         labels = root / "labels.txt"
         if labels.is_file():
@@ -94,16 +94,14 @@ def class_names(data: dict[str, Any], root: Path) -> dict[str, Any]:
         else:
             found = sorted({str(s.get("label")) for path in labelme_files(data, root) for s in _shapes(path)})
         names = [n for n in found if n not in (IGNORE_LABEL, LABELME_BACKGROUND, "background")]
-        return {"classes": ["background", *names]}
+        return ["background", *names]
     if fmt == "cvat":
-        labels = labelmap(root)
-        names = [n for n in labels if n != IGNORE_LABEL]
-        return {"classes": names, "palette": [labels[n] for n in names]}
-    return {}
+        return [n for n in labelmap(root) if n != IGNORE_LABEL]
+    return []
 
 
 def annotation_path(data: dict[str, Any] | Any, root: Path, key: str = "annotations") -> Path:
-    value = data.get(key) if isinstance(data, dict) else getattr(data, key)
+    value = _get(data, key)
     if value is None:
         raise DataError(f"data.{key}: format {_get(data, 'format')} needs the annotation JSON (relative to data.root)")
     path = Path(value)

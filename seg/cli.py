@@ -169,11 +169,13 @@ def _export_int8(run: Path, out: Path, opset: int, data: Path | None, calibratio
     """`seg export --int8`: the fp32 export (unless RUN is one), then its int8 model behind the gate."""
     import shutil
 
+    from seg.imageio import atomic_path
     from training.quantize import GateFailed, export_int8
 
     if run.suffix == ".onnx":
         if run.resolve() != out.resolve():
-            shutil.copyfile(run, out)
+            with atomic_path(out) as tmp:
+                shutil.copyfile(run, tmp)
     else:
         from training.export import export_onnx
 

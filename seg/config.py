@@ -270,7 +270,7 @@ def _from_export(raw: dict[str, Any], base: Path, path: str | Path) -> dict[str,
         if not root.is_dir():
             return raw  # _resolve_paths names it
         if data.get("classes") is None:
-            data["classes"] = class_names(data, root)["classes"]
+            data["classes"] = class_names(data, root)
         if data["format"] == "cvat":
             labels = labelmap(root)
             missing = [name for name in data["classes"] if name not in labels]

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
