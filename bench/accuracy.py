@@ -1,21 +1,30 @@
-"""Test accuracy of `seg train` on the config template against the bare smp loop, at equal steps.
+"""Accuracy of `seg train` on the config template against the bare smp loop, on real data sets.
 
-For each data set of bench/make_data.py: (i) `seg train` on configs/custom_folder.yaml with only
-data.root, data.classes, data.in_channels and output.dir changed, then `seg eval` of the run on the test
-folder; (ii) bench/bare_loop.py (same encoder, crop 256, batch 8) on the same train folder. The template
-holds out data.val_fraction of the train folder for validation, as it does for a user; the bare loop
-trains on all of it. Equal steps: the template's epoch is one pass over its training images (N // 8
-batches), so train.epochs is set to steps / that; when it does not divide, train.steps_per_epoch is set
-to the divisor of the steps nearest to it. Both run as child processes, one after the other; wall times
-are whole processes (start-up, data, validation and checkpoints for `seg train`).
+For each set of ../shared/data (lucchi_pp: EM; bbbc039: 16-bit fluorescence TIFF; ph2: RGB dermoscopy
+JPEG; horses: RGB photographs JPEG), laid out as NAME/{train,test}/{images,masks}, and each seed:
 
-    python bench/accuracy.py [--steps 100] [--sets isbi,blobs,scene] [--encoder resnet34] [--out acc.json]
+(i) `seg train` on configs/custom_folder.yaml with only the lines a user edits changed (data.root,
+    data.classes, data.in_channels, output.dir) plus train.seed, then `seg eval` of the run on the test
+    split (no TTA: the bare loop has none). The template holds out data.val_fraction of the train split
+    for validation and picks its checkpoint there, as it does for a user; the test split is never seen.
+(ii) bench/bare_loop.py (same encoder, crop, batch and optimiser steps, same seed) on the whole train
+    split, scored on the test split by the same metrics code.
+
+Budgets: `--steps N` (both get N optimiser steps) or `--minutes M` (`seg train` gets
+train.time_limit_minutes=M; the bare loop then gets the template's step count). Wall times are whole
+processes. Rows are written to --out as they finish, so a stopped run keeps what it measured.
+
+    python bench/accuracy.py --steps 100 --seeds 0,1 --out bench/accuracy_results.json
+    python bench/accuracy.py --minutes 15 --sets lucchi_pp --seeds 0,1
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,18 +35,25 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from make_data import DEFAULT_OUT, SETS, make_set  # noqa: E402
 
 TEMPLATE = ROOT / "configs" / "custom_folder.yaml"
 BIN = Path(sys.executable).parent
+DATA = Path(os.environ.get("SEG_REAL_DATA", ROOT.parent / "shared" / "data"))
+SETS = {  # the object's name and the image channels; every set is binary (masks 0 / 255)
+    "lucchi_pp": ("mitochondrion", 1),
+    "bbbc039": ("nucleus", 1),
+    "ph2": ("lesion", 3),
+    "horses": ("horse", 3),
+}
+# Published figures, for scale (full-length GPU training, other splits): foreground Jaccard index.
+PUBLISHED = {"lucchi_pp": (0.90, "2D U-Net, Casser et al. 2020")}
 
 
-def template_config(tmp: Path, data_root: Path, classes: list[str], in_channels: int, run_dir: Path) -> Path:
-    """The template with only the lines a user edits changed, written to tmp/NAME.yaml."""
+def template_config(tmp: Path, name: str, run_dir: Path) -> Path:
+    """The template with only the lines a user edits changed, written to tmp/RUN.yaml."""
     raw = yaml.safe_load(TEMPLATE.read_text())
-    raw["data"].update(root=str(data_root), classes=classes, in_channels=in_channels)
+    obj, channels = SETS[name]
+    raw["data"].update(root=str(DATA / name / "train"), classes=["background", obj], in_channels=channels)
     raw["output"]["dir"] = str(run_dir)
     path = tmp / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -47,9 +63,12 @@ def template_config(tmp: Path, data_root: Path, classes: list[str], in_channels:
 def step_overrides(config: Path, steps: int, extra: list[str]) -> list[str]:
     """--set overrides that make `seg train` run exactly `steps` optimiser steps."""
     from seg.config import load_config
-    from seg.data import find_samples
 
     cfg = load_config(config, extra)
+    if "steps" in type(cfg.train).model_fields:
+        return [f"train.steps={steps}"]
+    from seg.data import find_samples
+
     train, _ = find_samples(cfg.data)
     per_epoch = max(1, len(train) // cfg.train.batch_size)
     sets = []
@@ -69,72 +88,116 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def headline(name: str, metrics: dict) -> dict:
-    """mIoU, the mean Dice of the non-background classes, pixel error."""
-    fg = [d for d in metrics["dice_per_class"][1:] if d is not None]
-    return {"miou": metrics["miou"], "fg_dice": sum(fg) / len(fg) if fg else float("nan"),
+def headline(metrics: dict) -> dict:
+    """The object's IoU (Jaccard) and Dice, mIoU, pixel error."""
+    return {"iou": metrics["iou"][1], "dice": metrics["dice_per_class"][1], "miou": metrics["miou"],
             "pixel_error": metrics["pixel_error"]}
 
 
-def compare(name: str, root: Path, steps: int, encoder: str, tmp: Path, extra: list[str]) -> dict:
-    spec = SETS[name]
-    run_dir = tmp / f"{name}_run"
-    config = template_config(tmp, root / "train", spec["classes"], spec["in_channels"], run_dir)
-    extra = [f"model.encoder={encoder}", *extra] if encoder != "resnet34" else list(extra)
-    sets = step_overrides(config, steps, extra) + extra
+def steps_done(run_dir: Path) -> int:
+    with open(run_dir / "metrics.csv") as f:
+        return int(float(list(csv.DictReader(f))[-1]["step"]))
+
+
+def compare(name: str, seed: int, steps: int | None, minutes: float | None, encoder: str, tmp: Path,
+            extra: list[str]) -> dict:  # fmt: skip
+    run_dir = tmp / f"{name}_s{seed}_run"
+    config = template_config(tmp, name, run_dir)
+    extra = [f"train.seed={seed}", *([f"model.encoder={encoder}"] if encoder != "resnet34" else []), *extra]
+    if minutes:
+        sets = [*extra, f"train.time_limit_minutes={minutes}", *step_overrides(config, 100000, extra)]
+    else:
+        sets = [*extra, *step_overrides(config, steps, extra)]
     train_cmd = [str(BIN / "seg"), "train", str(config)] + [a for s in sets for a in ("--set", s)]
-    seg_train = run(train_cmd, tmp / f"{name}_train.log")
-    eval_json = tmp / f"{name}_eval.json"
-    seg_eval = run([str(BIN / "seg"), "eval", str(run_dir), "--data", str(root / "test"), "--tta", "none",
-                    "--out", str(eval_json)], tmp / f"{name}_eval.log")  # no TTA: the bare loop has none
+    seg_train = run(train_cmd, tmp / f"{run_dir.name}_train.log")
+    steps = steps_done(run_dir) if minutes else steps
+    eval_json = tmp / f"{run_dir.name}_eval.json"
+    seg_eval = run([str(BIN / "seg"), "eval", str(run_dir), "--data", str(DATA / name / "test"), "--tta", "none",
+                    "--out", str(eval_json)], tmp / f"{run_dir.name}_eval.log")
     ours = json.loads(eval_json.read_text())
-    bare_json = tmp / f"{name}_bare.json"
-    bare_wall = run([sys.executable, str(ROOT / "bench" / "bare_loop.py"), str(root / "train"), str(root / "test"),
-                     "--classes", str(len(spec["classes"])), "--in-channels", str(spec["in_channels"]),
-                     "--steps", str(steps), "--encoder", encoder, "--out", str(bare_json)], tmp / f"{name}_bare.log")
+    bare_json = tmp / f"{run_dir.name}_bare.json"
+    bare_wall = run([sys.executable, str(ROOT / "bench" / "bare_loop.py"), str(DATA / name / "train"),
+                     str(DATA / name / "test"), "--classes", "2", "--in-channels", str(SETS[name][1]),
+                     "--steps", str(steps), "--encoder", encoder, "--seed", str(seed), "--out", str(bare_json)],
+                    tmp / f"{run_dir.name}_bare.log")
     bare = json.loads(bare_json.read_text())
     bare_train = bare_wall - bare["predict_seconds"]
     return {
-        "set": name, "metric": spec["metric"], "steps": steps, "encoder": encoder, "overrides": sets,
+        "set": name, "seed": seed, "steps": steps, "minutes": minutes, "encoder": encoder, "overrides": sets,
         "seg": {"train_seconds": round(seg_train, 1), "s_per_step": round(seg_train / steps, 2),
-                "eval_seconds": round(seg_eval, 1), **headline(name, ours)},
+                "eval_seconds": round(seg_eval, 1), **headline(ours)},
         "bare": {"train_seconds": round(bare_train, 1), "s_per_step": round(bare_train / steps, 2),
-                 "eval_seconds": bare["predict_seconds"], **headline(name, bare)},
+                 "eval_seconds": bare["predict_seconds"], **headline(bare)},
     }
 
 
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| set | metric | steps | seg train s | s/step | bare s | s/step | time ratio | seg metric | bare metric |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Per set and budget: mean ± sample standard deviation over seeds of the object's IoU, and time."""
+    lines = ["| set | budget | seeds | template IoU | bare loop IoU | template - bare | steps | s/step seg | "
+             "s/step bare | time ratio | published |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        s, b, m = r["seg"], r["bare"], r["metric"]
-        ratio = s["train_seconds"] / max(b["train_seconds"], 1e-9)
-        lines.append(f"| {r['set']} | {m} | {r['steps']} | {s['train_seconds']:.0f} | {s['s_per_step']:.2f} | "
-                     f"{b['train_seconds']:.0f} | {b['s_per_step']:.2f} | {ratio:.2f}x | {s[m]:.4f} | {b[m]:.4f} |")
+        groups.setdefault((r["set"], r["minutes"] or f"{r['steps']} steps"), []).append(r)
+    for (name, budget), group in groups.items():
+        seg_iou = [r["seg"]["iou"] for r in group]
+        bare_iou = [r["bare"]["iou"] for r in group]
+        diff = [a - b for a, b in zip(seg_iou, bare_iou)]
+        seg_t = sum(r["seg"]["train_seconds"] for r in group)
+        bare_t = sum(r["bare"]["train_seconds"] for r in group)
+        steps = sum(r["steps"] for r in group)
+        published = PUBLISHED.get(name)
+        budget = f"{budget} min" if isinstance(budget, (int, float)) else budget
+        lines.append(
+            f"| {name} | {budget} | {len(group)} | {spread(seg_iou)} | {spread(bare_iou)} | {spread(diff)} | "
+            f"{steps / len(group):.0f} | {seg_t / steps:.2f} | {bare_t / steps:.2f} | {seg_t / bare_t:.2f}x | "
+            + (f"{published[0]:.2f} ({published[1]})" if published else "") + " |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--sets", default="isbi,blobs,scene")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=100)
+    budget.add_argument("--minutes", type=float, help="a time limit for `seg train` instead of a step count")
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--encoder", default="resnet34")
-    parser.add_argument("--data", type=Path, default=DEFAULT_OUT, help="where the data sets are made")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         help="an extra override for `seg train` only, e.g. to try a template default")
+    parser.add_argument("--keep", type=Path, help="keep the runs and logs in this folder")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     names = args.sets.split(",")
     unknown = [n for n in names if n not in SETS]
     if unknown:
         sys.exit(f"error: --sets: unknown set {unknown[0]!r} (choose from {', '.join(SETS)})")
-    rows = []
+    missing = [n for n in names if not (DATA / n / "train" / "images").is_dir()]
+    if missing:
+        sys.exit(f"error: {DATA / missing[0]}: no train/images (set SEG_REAL_DATA to the folder of the sets)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
+    done = {(r["set"], r["seed"], r["minutes"], r["steps"] if not r["minutes"] else None) for r in rows}
     with tempfile.TemporaryDirectory(prefix="seg_accuracy_") as tmp:
-        for name in names:
-            rows.append(compare(name, make_set(args.data, name), args.steps, args.encoder, Path(tmp), args.extra))
-            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
+        tmp = Path(args.keep or tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:  # every set at the first seed before any at the second
+            for name in names:
+                if (name, seed, args.minutes, None if args.minutes else args.steps) in done:
+                    continue
+                rows.append(compare(name, seed, args.steps, args.minutes, args.encoder, tmp, args.extra))
+                r = rows[-1]
+                print(f"{name} seed {seed}: template IoU {r['seg']['iou']:.4f} ({r['seg']['s_per_step']} s/step), "
+                      f"bare {r['bare']['iou']:.4f} ({r['bare']['s_per_step']} s/step)", file=sys.stderr, flush=True)
+                if args.out:
+                    args.out.write_text(json.dumps(rows, indent=2))
     print(table(rows))
 
 

@@ -22,6 +22,12 @@ VOC_CLASSES = [
 ]  # fmt: skip
 
 
+def is_weights_name(value: str | Path) -> bool:
+    """True for a pretrained-weights name such as "imagenet" (no dot, no slash), False for a file path."""
+    text = str(value)
+    return not any(c in text for c in "./\\")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -101,7 +107,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     arch: Literal["unet", "refinenet", "refinenet_lw"] = "unet"
     encoder: str = "resnet34"
-    encoder_weights: Path | None = None
+    encoder_weights: str | None = None  # a name smp knows (imagenet, ssl, ...) or a local weights file
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -301,11 +307,11 @@ def _resolve_paths(cfg: Config, base: Path, path: str | Path) -> None:
                 raise ConfigError(f"{path}: data.{key}: no such file {value}")
             setattr(data, key, value)
     weights = cfg.model.encoder_weights
-    if weights is not None:
-        weights = weights if weights.is_absolute() else (base / weights).resolve()
+    if weights is not None and not is_weights_name(weights):
+        weights = Path(weights) if Path(weights).is_absolute() else (base / weights).resolve()
         if not weights.is_file():
             raise ConfigError(f"{path}: model.encoder_weights: no such file {weights}")
-        cfg.model.encoder_weights = weights
+        cfg.model.encoder_weights = str(weights)
 
 
 def apply_override(raw: dict[str, Any], item: str, path: str | Path = "<config>") -> None:

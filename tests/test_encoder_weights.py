@@ -159,3 +159,64 @@ def test_seg_train_starts_from_the_file(resnet_file, em_folder, tmp_path):
     for key, start in pairs:
         trained = state[f"net.encoder.{key}"]
         assert trained.shape == start.shape and (trained - start).abs().max() < 0.005, key
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache laid out as smp's loader reads it; `put(encoder)` stores a state dict
+    made here as that encoder's imagenet weights and returns it."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    from segmentation_models_pytorch.encoders import encoders, get_encoder
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def put(encoder: str) -> dict[str, torch.Tensor]:
+        settings = encoders[encoder]["pretrained_settings"]["imagenet"]
+        snapshot = cache / f"models--{settings['repo_id'].replace('/', '--')}" / "snapshots" / settings["revision"]
+        snapshot.mkdir(parents=True)
+        torch.manual_seed(7)
+        net = get_encoder(encoder, in_channels=3, weights=None)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(snapshot / "model.safetensors"))
+        (snapshot / "config.json").write_text('{"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}')
+        return state
+
+    return put
+
+
+def test_seg_train_takes_imagenet_weights_from_the_cache_offline(hub_cache, em_folder, tmp_path):
+    """`encoder_weights: imagenet` is passed to smp, which reads the cache; the 1-channel first convolution
+    is smp's sum of the RGB kernels; one step (lr 0.001) moves no weight far from them."""
+    saved = hub_cache("resnet18")
+    result = train_with_weights(tmp_path, em_folder, "imagenet")
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    pairs = [("conv1.weight", saved["conv1.weight"].sum(1, keepdim=True)),
+             ("layer3.0.conv1.weight", saved["layer3.0.conv1.weight"])]
+    for key, start in pairs:
+        trained = state[f"net.encoder.{key}"]
+        assert trained.shape == start.shape and (trained - start).abs().max() < 0.005, key
+    # BatchNorm statistics start from the cached ones (momentum 0.1, one step), not from zero.
+    kept = torch.stack([state["net.encoder.layer4.1.bn2.running_mean"], saved["layer4.1.bn2.running_mean"]])
+    assert torch.corrcoef(kept)[0, 1] > 0.9
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["model"]["encoder_weights"] == "imagenet"
+
+
+def test_imagenet_weights_neither_cached_nor_downloadable_are_one_line(hub_cache, em_folder, tmp_path):
+    line = error_line(train_with_weights(tmp_path, em_folder, "imagenet"))
+    assert "model.encoder_weights 'imagenet': the weights of resnet18 are not in the Hugging Face cache" in line
+    assert "hf download smp-hub/resnet18.imagenet --revision " in line and "HF_HOME" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_weights_name_smp_does_not_know_lists_the_ones_it_does(hub_cache, em_folder, tmp_path):
+    line = error_line(train_with_weights(tmp_path, em_folder, "imagenet21k"))
+    assert "smp has no such weights for encoder resnet18 (it has: imagenet, ssl, swsl)" in line

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seg.config import is_weights_name
 from seg.errors import ConfigError
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
@@ -83,20 +84,19 @@ def build_model(
         encoder: any smp encoder name (resnet34, mobilenet_v2, efficientnet-b0, ...).
         classes: output channels (1 for a binary mask with a sigmoid, else one per class).
         in_channels: image channels (1 for grey EM slices, 3 for RGB).
-        encoder_weights: a local file with the encoder's state dict (nothing is ever downloaded).
+        encoder_weights: a name smp knows for the encoder's weights ("imagenet", "ssl", ...), taken from the
+            Hugging Face cache or downloaded into it once, or a local file with the encoder's state dict.
         options: passed to the architecture (for U-Net: decoder_channels, encoder_depth, ...).
     """
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(sorted(ARCHS))}")
-    if encoder_weights in ("imagenet", "ssl", "swsl", "instagram"):
-        raise ConfigError(
-            f"model.encoder_weights {encoder_weights!r} would download from a hub; give a local weights file or none"
-        )
     try:
         net = ARCHS[arch](encoder=encoder, classes=classes, in_channels=in_channels, **options)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"cannot build {arch} on encoder {encoder!r}: {err}") from None
-    if encoder_weights:
+    if encoder_weights and is_weights_name(encoder_weights):
+        load_pretrained_encoder(net.encoder, encoder, str(encoder_weights), in_channels)
+    elif encoder_weights:
         load_encoder_weights(net.encoder, encoder_weights, name=f"encoder {encoder}")
     depth = options.get("encoder_depth", 5)
     return SegModel(net, stride=getattr(net.encoder, "output_stride", 2**depth))
@@ -155,6 +155,44 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, name: str = "the 
     encoder.load_state_dict(state, strict=False)
 
 
+def load_pretrained_encoder(encoder: nn.Module, encoder_name: str, weights: str, in_channels: int) -> None:
+    """Load smp's pretrained `weights` for `encoder_name` into `encoder`, as smp's own models do.
+
+    smp reads them from the Hugging Face cache (HF_HOME, default ~/.cache/huggingface), downloading them
+    there once when it can; offline (HF_HUB_OFFLINE=1, or no network) a cached copy is used. A name smp
+    does not know for the encoder, or weights neither cached nor downloadable, is a one-line `ConfigError`.
+    """
+    from segmentation_models_pytorch.encoders import encoders, get_encoder
+
+    if encoder_name.startswith("tu-"):
+        raise ConfigError(
+            f"model.encoder_weights {weights!r}: timm encoders ({encoder_name}) name their weights in the encoder "
+            "name (tu-NAME.TAG); give a local weights file instead"
+        )
+    known = encoders.get(encoder_name, {}).get("pretrained_settings", {})
+    if weights not in known:
+        choices = ", ".join(known) or "none"
+        raise ConfigError(
+            f"model.encoder_weights {weights!r}: smp has no such weights for encoder {encoder_name} "
+            f"(it has: {choices}); or give a local weights file"
+        )
+    try:
+        pretrained = get_encoder(encoder_name, in_channels=in_channels, depth=getattr(encoder, "_depth", 5),
+                                 weights=weights)
+    except Exception as err:  # hub errors: offline and not cached, no network, a broken cache entry
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        repo, revision = known[weights]["repo_id"], known[weights]["revision"]
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model.encoder_weights {weights!r}: the weights of {encoder_name} are not in the Hugging Face cache "
+            f"{HF_HUB_CACHE} and could not be downloaded ({reason[:160]}); fetch them once where there is a "
+            f"network (hf download {repo} --revision {revision}) and copy the cache here or point HF_HOME at it, "
+            "or give a local weights file"
+        ) from None
+    encoder.load_state_dict(pretrained.state_dict())
+
+
 def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """First-convolution kernels (out, C, kh, kw) for `in_channels` inputs, as smp's `patch_first_conv`.
 
@@ -171,4 +209,7 @@ def _shape(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape))
 
 
-__all__ = ["ARCHS", "SegModel", "adapt_first_conv", "build_model", "build_model_from_config", "load_encoder_weights"]
+__all__ = [
+    "ARCHS", "SegModel", "adapt_first_conv", "build_model", "build_model_from_config", "is_weights_name",
+    "load_encoder_weights", "load_pretrained_encoder",
+]
