@@ -105,7 +105,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["unet", "refinenet", "refinenet_lw"] = "unet"
+    arch: Literal["unet", "unetplusplus", "linknet", "attention_unet", "refinenet", "refinenet_lw"] = "unet"
     encoder: str = "resnet34"
     encoder_weights: str | None = None  # a name smp knows (imagenet, ssl, ...) or a local weights file
     options: dict[str, Any] = Field(default_factory=dict)

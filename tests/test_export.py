@@ -86,6 +86,7 @@ def test_fp16_keeps_float32_io_and_passes_its_bound(unet_checkpoint, unet_onnx, 
 
 def test_failed_parity_writes_nothing(unet_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr("training.export.FP32_TOLERANCE", -1.0)
+    monkeypatch.setattr("training.export.FP32_RELATIVE", -1.0)
     out = tmp_path / "bad.onnx"
     with pytest.raises(SegError, match="parity check failed"):
         export_onnx(unet_checkpoint, out)

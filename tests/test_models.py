@@ -13,10 +13,11 @@ from seg.models import build_model
 from seg.models.refinenet import ChainedResidualPooling, RefineNet, RefineNetLW, ResidualConvUnit
 from seg.models.summary import count_macs, count_parameters, summarize
 
-ARCHS = ["unet", "refinenet", "refinenet_lw"]
+ARCHS = ["unet", "unetplusplus", "linknet", "attention_unet", "refinenet", "refinenet_lw"]
 # Full RefineNet at its paper widths costs ~100 GMACs per 0.2 MP image on the decoder alone: narrow it for
 # these CPU tests, which check wiring, shapes and export (the widths change no code path).
-SMALL = {"unet": {}, "refinenet": {"channels": (64, 32, 32, 32)}, "refinenet_lw": {"channels": (64, 32, 32, 32)}}
+SMALL = {"unet": {}, "unetplusplus": {}, "linknet": {}, "attention_unet": {}, "refinenet": {"channels": (64, 32, 32, 32)},
+         "refinenet_lw": {"channels": (64, 32, 32, 32)}}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

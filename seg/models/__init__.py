@@ -1,4 +1,5 @@
-"""The model zoo: U-Net (smp's own) and RefineNet (full and light-weight) on any smp encoder.
+"""The model zoo on any smp encoder: U-Net, U-Net++ (nested dense skips), LinkNet (additive skips) and
+U-Net with attention-gated skips (smp's, the last gated here), and RefineNet (full and light-weight).
 
 `build_model` returns a `SegModel`: the architecture wrapped so that any input height and width works
 (padded to the encoder's stride multiple, cropped back). Every caller (training, export, the predictor's
@@ -55,6 +56,27 @@ def _unet(encoder: str, classes: int, in_channels: int, **options) -> nn.Module:
     return smp.Unet(encoder_name=encoder, encoder_weights=None, classes=classes, in_channels=in_channels, **options)
 
 
+@register("unetplusplus")
+def _unetplusplus(encoder: str, classes: int, in_channels: int, **options) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=None, classes=classes, in_channels=in_channels, **options)
+
+
+@register("linknet")
+def _linknet(encoder: str, classes: int, in_channels: int, **options) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.Linknet(encoder_name=encoder, encoder_weights=None, classes=classes, in_channels=in_channels, **options)
+
+
+@register("attention_unet")
+def _attention_unet(encoder: str, classes: int, in_channels: int, **options) -> nn.Module:
+    from seg.models.attention import gate_skips
+
+    return gate_skips(_unet(encoder, classes, in_channels, **options))
+
+
 @register("refinenet")
 def _refinenet(encoder: str, classes: int, in_channels: int, **options) -> nn.Module:
     from seg.models.refinenet import RefineNet
@@ -77,7 +99,8 @@ def build_model(
     encoder_weights: str | Path | None = None,
     **options: Any,
 ) -> SegModel:
-    """Build `arch` ("unet", "refinenet", "refinenet_lw") on the smp encoder `encoder`.
+    """Build `arch` (one of `ARCHS`: unet, unetplusplus, linknet, attention_unet, refinenet, refinenet_lw) on
+    the smp encoder `encoder`.
 
     Args:
         arch: architecture name, one of `ARCHS`.
