@@ -125,6 +125,7 @@ class EMAConfig(Section):
 
 
 class TrainConfig(Section):
+    steps: int | None = Field(None, ge=1)  # optimiser steps for the run, instead of epochs
     epochs: int = Field(50, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0)
     steps_per_epoch: int | None = Field(None, ge=1)
@@ -151,6 +152,12 @@ class TrainConfig(Section):
     ema: EMAConfig | None = None
     metric: Literal["miou", "dice", "pixel_accuracy", "loss"] = "miou"
     threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.steps is not None and "epochs" in self.model_fields_set:
+            raise ValueError("set steps or epochs, not both (steps counts optimiser steps; epochs passes over the data)")
+        return self
 
     @model_validator(mode="after")
     def _one_cadence(self):
@@ -334,5 +341,8 @@ def apply_override(raw: dict[str, Any], item: str, path: str | Path = "<config>"
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """A YAML/JSON-safe dict of the resolved config."""
-    return cfg.model_dump(mode="json")
+    """A YAML/JSON-safe dict of the resolved config (without epochs when steps sets the budget)."""
+    raw = cfg.model_dump(mode="json")
+    if cfg.train.steps is not None:
+        del raw["train"]["epochs"]
+    return raw

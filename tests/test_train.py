@@ -235,3 +235,24 @@ def test_each_skip_form_trains_exports_and_predicts(em_folder, tmp_path, arch):
     assert r.returncode == 0, r.stderr
     mask = np.asarray(Image.open(tmp_path / "pred" / f"{image.stem}.png"))
     assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 1}
+
+
+def test_train_steps_sets_the_budget_in_optimiser_steps(em_folder, tmp_path):
+    """train.steps: exactly that many optimiser steps, whatever the epoch length; the run's config.yaml
+    records steps and no epochs, and setting both is a one-line error."""
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run")
+    raw = yaml.safe_load(cfg.read_text())
+    del raw["train"]["epochs"]
+    raw["train"].update(steps=5, val_every_steps=2)
+    cfg.write_text(yaml.safe_dump(raw))
+    r = seg_quick("train", cfg)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert [int(row["step"]) for row in csv.DictReader(open(run / "metrics.csv"))] == [2, 4, 5]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 5 and "epochs" not in resolved["train"]
+
+    r = seg_quick("train", cfg, "--set", "train.epochs=3", "--set", f"output.dir={tmp_path / 'run2'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "train: set steps or epochs, not both" in r.stderr

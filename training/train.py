@@ -210,7 +210,8 @@ class Trainer:
         t = cfg.train
         per_step = t.batch_size * t.accumulate * self.dist.world
         self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_set) // per_step)
-        self.total_steps = t.epochs * self.steps_per_epoch
+        self.total_steps = t.steps or t.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.val_interval = validation_interval(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0  # optimiser steps done
         self.elapsed = 0.0  # seconds spent in training steps
@@ -257,7 +258,7 @@ class Trainer:
         budget = t.time_limit_minutes * 60 if t.time_limit_minutes else None
         self.log(
             f"training {self.cfg.model.arch}/{self.cfg.model.encoder} on {self.device.type}"
-            f"{' with ' + str(self.amp).split('.')[-1] if self.amp else ''}: epochs {self.epoch + 1}..{t.epochs},"
+            f"{' with ' + str(self.amp).split('.')[-1] if self.amp else ''}: epochs {self.epoch + 1}..{self.epochs},"
             f" {self.steps_per_epoch} steps of {t.batch_size}" + (f"x{t.accumulate}" if t.accumulate > 1 else "")
             + (f" on each of {self.dist.world} processes" if self.dist.enabled else "")
             + (f", time limit {t.time_limit_minutes:g} min" if budget else "")
@@ -285,7 +286,7 @@ class Trainer:
                 break
             if bar is None:
                 bar = Progress(
-                    self.console, f"epoch {self.epoch + 1}/{t.epochs}", self.steps_per_epoch,
+                    self.console, f"epoch {self.epoch + 1}/{self.epochs}", self.steps_per_epoch,
                     "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s", loss=float("nan"), rate=0.0,
                 ).start()  # fmt: skip
                 bar.advance(self.step % self.steps_per_epoch, loss=float("nan"), rate=0.0)
@@ -379,7 +380,7 @@ class Trainer:
         self.history.append(row)
         self.improved = self._is_best(row)
         self.call("on_validation", row)
-        self.log(_epoch_line(row, self.cfg.train.epochs, self.improved))
+        self.log(_epoch_line(row, self.epochs, self.improved))
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
