@@ -1,4 +1,4 @@
-"""The `seg` command line: train, eval, export, predict, serve, models, data check.
+"""The `seg` command line: plan, train, eval, export, predict, serve, models, data check.
 
 Errors a user can cause (`SegError`) print one line on stderr and exit with code 2.
 """
@@ -69,16 +69,21 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def train(
-    config: Path = typer.Argument(..., help="YAML config file (sections data, model, train, output)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.epochs=10 (repeatable)."),
+    config: Path = typer.Argument(..., help="YAML config file (sections data, model, train, output), or a data folder to plan a config for (see `seg plan`)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.steps=500 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its last checkpoint."),
     nproc: int = typer.Option(1, "--nproc", help="Train on this many local processes under torchrun (DDP: one GPU each on CUDA, gloo on the CPU)."),
 ):
-    """Train a model from a config file into a run folder (under torchrun: one model on all its processes)."""
+    """Train a model from a config file into a run folder (under torchrun: one model on all its processes).
+
+    Given a data folder instead of a config, plan the config from the data first (as `seg plan` does) and
+    keep the plan as plan.yaml in the run folder (runs/FOLDER unless --set output.dir=...)."""
     import os
 
     from seg.config import load_config
 
+    if config.is_dir() or config.suffix == ".zip":
+        config = _plan_into_run(config, set_, resume)
     cfg = load_config(config, set_)  # a broken config fails here, before any process starts
     if nproc != 1 and "WORLD_SIZE" not in os.environ:
         from training.distributed import launch
@@ -91,6 +96,78 @@ def train(
     from training.train import train as run_training
 
     run_training(cfg, resume=resume, console=err)
+
+
+def _plan_into_run(data_dir: Path, set_: list[str], resume: bool) -> Path:
+    """Plan a config for `data_dir` and write it to RUN/plan.yaml; on --resume, the run's own plan."""
+    from seg.config import apply_override
+    from training.plan import fingerprint, plan, plan_yaml, planned_device, to_config
+
+    wanted: dict = {}
+    for item in set_:
+        apply_override(wanted, item)
+    out = Path(str(wanted.get("output", {}).get("dir") or Path("runs") / data_dir.stem)).resolve()
+    path = out / "plan.yaml"
+    if resume and path.is_file():
+        return path
+    if (out / "checkpoints" / "last.pt").exists() and not resume:
+        raise SegError(f"{out} already holds a run: pass --resume, or --set output.dir=NEW_FOLDER")
+    fp = fingerprint(data_dir)
+    device = planned_device(wanted.get("train", {}).get("device", "auto"))
+    rows = plan(fp, device, out_dir=str(out))
+    from seg.imageio import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(plan_yaml(fp, rows))
+    err.print(f"planned {path} from {fp.images} images of {data_dir}", highlight=False)
+    return path
+
+
+@app.command()
+@user_errors
+def plan(
+    data: Path = typer.Argument(..., help="A data folder (images/ and masks/, or train/ and val/ with those inside) or a COCO, labelme or CVAT export."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the config here (default: print it)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Minutes of training to plan for (default: 30 on the CPU, 120 on a GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: the machine that will train."),
+    as_json: bool = typer.Option(False, "--json", help="Print the fingerprint as JSON instead of a table."),
+):
+    """Read a data folder once and write a complete training config for it: crop and batch size, normalisation,
+    augmentation, foreground crops, loss, tiling, validation split and budget, each with the figure that chose it."""
+    from rich.table import Table
+
+    from training.plan import fingerprint, plan as make_plan, plan_yaml, planned_device
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise SegError(f"--device {device!r}: choose auto, cpu or cuda")
+    if time_limit is not None and time_limit <= 0:
+        raise SegError(f"--time-limit {time_limit:g}: give minutes above 0")
+    fp = fingerprint(data)
+    rows = make_plan(fp, planned_device(device), time_limit)
+    text = plan_yaml(fp, rows)
+    if as_json:
+        print(json.dumps(fp.as_dict(), indent=2))
+    else:
+        h, w = fp.size("median")
+        (h0, w0), (h1, w1) = fp.size("min"), fp.size("max")
+        table = Table("measure", "value", title=f"{fp.root}: {fp.data['format']}", title_justify="left")
+        table.add_row("images", f"{fp.images} ({fp.train} train, {fp.val} val)")
+        table.add_row("size (median, min, max)", f"{w}x{h}, {w0}x{h0}, {w1}x{h1}")
+        table.add_row("channels, type", f"{fp.channels}, {fp.dtype}")
+        for i, p in enumerate(fp.percentiles):
+            table.add_row(f"channel {i}: 0.5 / 50 / 99.5 percentile", " / ".join(f"{v:g}" for v in p))
+        for name, share, size in zip(fp.classes, fp.class_fraction, fp.object_size):
+            table.add_row(f"class {name}", f"{100 * share:.2f} % of pixels" + (f", median object {size:.0f} px" if size else ""))
+        Console(stderr=out is None).print(table)
+    if out is None:
+        if not as_json:
+            print(text, end="")
+        return
+    from seg.imageio import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    err.print(f"wrote {out}", highlight=False)
 
 
 PRECISION = typer.Option(

@@ -58,6 +58,7 @@ class DataConfig(Section):
     in_channels: int = Field(3, ge=1)
     normalize: Normalization = Field(default_factory=Normalization)
     crop_size: int = Field(256, ge=8)
+    foreground_crops: float = Field(0.0, ge=0, le=1)  # share of training crops that hold a class other than 0
     augment: list[Transform] | Literal["default", "none"] = "default"
     kind: Literal["em", "natural"] | None = None
     cache: bool = True
