@@ -250,8 +250,8 @@ def plan(fp: Fingerprint, device: str = "cpu", time_limit: float | None = None, 
     add("train.loss", "dice_ce", f"{rarest} {100 * share:.1f}% of the pixels: the Dice term keeps a rare class from vanishing"
         if share < RARE else "Dice + cross-entropy")
     minutes = time_limit if time_limit is not None else d["minutes"]
-    add("train.steps", d["steps"], f"optimiser steps: {d['steps'] * batch / max(fp.train, 1):.0f} passes over the "
-        f"{fp.train} training images")  # fmt: skip
+    add("train.steps", d["steps"], f"{d['steps']} steps of {batch} crops: {d['steps'] * batch / max(fp.train, 1):.0f} "
+        f"passes over the {fp.train} training images, if the time limit allows")  # fmt: skip
     add("train.time_limit_minutes", minutes, f"stop after {minutes:g} min on {device} if the steps take longer")
     add("train.device", device, "")
     edges = "mirror" if kind == "em" else "inside"
