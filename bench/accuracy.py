@@ -12,7 +12,9 @@ JPEG; horses: RGB photographs JPEG), laid out as NAME/{train,test}/{images,masks
 
 Budgets: `--steps N` (both get N optimiser steps) or `--minutes M` (`seg train` gets
 train.time_limit_minutes=M; the bare loop then gets the template's step count). Wall times are whole
-processes. Rows are written to --out as they finish, so a stopped run keeps what it measured.
+processes. With --parallel, both run at once on one thread each, so they share the machine's load alike
+(with --minutes the bare loop still follows, as it needs the template's step count). Rows are written to
+--out as they finish, so a stopped run keeps what it measured.
 
     python bench/accuracy.py --steps 100 --seeds 0,1 --out bench/accuracy_results.json
     python bench/accuracy.py --minutes 15 --sets lucchi_pp --seeds 0,1
@@ -78,14 +80,23 @@ def step_overrides(config: Path, steps: int, extra: list[str]) -> list[str]:
     return sets + [f"train.epochs={steps // per_epoch}"]
 
 
-def run(command: list[str], log: Path) -> float:
-    start = time.perf_counter()
+def start(command: list[str], log: Path, threads: int | None = None) -> tuple[subprocess.Popen, float]:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log, "w") as f:
-        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
+        return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env), time.perf_counter()
+
+
+def finish(started: tuple[subprocess.Popen, float], log: Path) -> float:
+    """Wait for a process from `start`; its wall seconds."""
+    proc, began = started
+    if proc.wait():
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        sys.exit(f"error: {Path(command[0]).name} {command[1]} failed (exit {proc.returncode}): {tail[0]}")
-    return time.perf_counter() - start
+        sys.exit(f"error: {' '.join(map(str, proc.args[:2]))} failed (exit {proc.returncode}): {tail[0]}")
+    return time.perf_counter() - began
+
+
+def run(command: list[str], log: Path, threads: int | None = None) -> float:
+    return finish(start(command, log, threads), log)
 
 
 def headline(metrics: dict) -> dict:
@@ -100,30 +111,39 @@ def steps_done(run_dir: Path) -> int:
 
 
 def compare(name: str, seed: int, steps: int | None, minutes: float | None, encoder: str, tmp: Path,
-            extra: list[str]) -> dict:  # fmt: skip
+            extra: list[str], parallel: bool = False) -> dict:  # fmt: skip
     run_dir = tmp / f"{name}_s{seed}_run"
     config = template_config(tmp, name, run_dir)
     extra = [f"train.seed={seed}", *([f"model.encoder={encoder}"] if encoder != "resnet34" else []), *extra]
+    if parallel:
+        extra.append("train.threads=1")
     if minutes:
         sets = [*extra, f"train.time_limit_minutes={minutes}", *step_overrides(config, 100000, extra)]
     else:
         sets = [*extra, *step_overrides(config, steps, extra)]
+    threads = 1 if parallel else None
+    bare_json = tmp / f"{run_dir.name}_bare.json"
+    bare_log = tmp / f"{run_dir.name}_bare.log"
+
+    def bare_cmd(n: int) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "bare_loop.py"), str(DATA / name / "train"),
+                str(DATA / name / "test"), "--classes", "2", "--in-channels", str(SETS[name][1]),
+                "--steps", str(n), "--encoder", encoder, "--seed", str(seed), "--out", str(bare_json)]  # fmt: skip
+
+    bare_started = start(bare_cmd(steps), bare_log, threads) if parallel and not minutes else None
     train_cmd = [str(BIN / "seg"), "train", str(config)] + [a for s in sets for a in ("--set", s)]
-    seg_train = run(train_cmd, tmp / f"{run_dir.name}_train.log")
+    seg_train = run(train_cmd, tmp / f"{run_dir.name}_train.log", threads)
     steps = steps_done(run_dir) if minutes else steps
     eval_json = tmp / f"{run_dir.name}_eval.json"
     seg_eval = run([str(BIN / "seg"), "eval", str(run_dir), "--data", str(DATA / name / "test"), "--tta", "none",
-                    "--out", str(eval_json)], tmp / f"{run_dir.name}_eval.log")
+                    "--out", str(eval_json)], tmp / f"{run_dir.name}_eval.log", threads)
     ours = json.loads(eval_json.read_text())
-    bare_json = tmp / f"{run_dir.name}_bare.json"
-    bare_wall = run([sys.executable, str(ROOT / "bench" / "bare_loop.py"), str(DATA / name / "train"),
-                     str(DATA / name / "test"), "--classes", "2", "--in-channels", str(SETS[name][1]),
-                     "--steps", str(steps), "--encoder", encoder, "--seed", str(seed), "--out", str(bare_json)],
-                    tmp / f"{run_dir.name}_bare.log")
+    bare_wall = finish(bare_started, bare_log) if bare_started else run(bare_cmd(steps), bare_log, threads)
     bare = json.loads(bare_json.read_text())
     bare_train = bare_wall - bare["predict_seconds"]
     return {
         "set": name, "seed": seed, "steps": steps, "minutes": minutes, "encoder": encoder, "overrides": sets,
+        "parallel": parallel,
         "seg": {"train_seconds": round(seg_train, 1), "s_per_step": round(seg_train / steps, 2),
                 "eval_seconds": round(seg_eval, 1), **headline(ours)},
         "bare": {"train_seconds": round(bare_train, 1), "s_per_step": round(bare_train / steps, 2),
@@ -172,6 +192,8 @@ def main() -> None:
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         help="an extra override for `seg train` only, e.g. to try a template default")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run `seg train` and the bare loop at once, one thread each (same load on both)")
     parser.add_argument("--keep", type=Path, help="keep the runs and logs in this folder")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -192,7 +214,7 @@ def main() -> None:
             for name in names:
                 if (name, seed, args.minutes, None if args.minutes else args.steps) in done:
                     continue
-                rows.append(compare(name, seed, args.steps, args.minutes, args.encoder, tmp, args.extra))
+                rows.append(compare(name, seed, args.steps, args.minutes, args.encoder, tmp, args.extra, args.parallel))
                 r = rows[-1]
                 print(f"{name} seed {seed}: template IoU {r['seg']['iou']:.4f} ({r['seg']['s_per_step']} s/step), "
                       f"bare {r['bare']['iou']:.4f} ({r['bare']['s_per_step']} s/step)", file=sys.stderr, flush=True)

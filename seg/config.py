@@ -244,6 +244,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: expected a mapping with sections data, model, train, output")
     for item in overrides:
         apply_override(raw, item, path)
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    train = raw.get("train")
+    for given, other in (("train.epochs", "steps"), ("train.steps", "epochs")):
+        if given in keys and f"train.{other}" not in keys and isinstance(train, dict):
+            train.pop(other, None)  # --set train.epochs=5 replaces the file's steps, and the other way round
     return validate_config(raw, path)
 
 

@@ -42,6 +42,8 @@ def em_folder(tmp_path_factory):
 
 
 def write_config(path: Path, data_root: Path, out: Path, **train) -> Path:
+    if not {"val_every", "val_every_steps", "val_every_minutes"} & train.keys():
+        train["val_every"] = 1  # tiny validation images would otherwise validate only at the end
     cfg = {
         "data": {
             "root": str(data_root), "classes": ["membrane", "cell"], "in_channels": 1, "crop_size": 64,
@@ -239,10 +241,10 @@ def test_each_skip_form_trains_exports_and_predicts(em_folder, tmp_path, arch):
 
 def test_train_steps_sets_the_budget_in_optimiser_steps(em_folder, tmp_path):
     """train.steps: exactly that many optimiser steps, whatever the epoch length; the run's config.yaml
-    records steps and no epochs, and setting both is a one-line error."""
+    records steps and no epochs; both in one file is a one-line error, and --set of one replaces the other."""
     cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run")
     raw = yaml.safe_load(cfg.read_text())
-    del raw["train"]["epochs"]
+    del raw["train"]["epochs"], raw["train"]["val_every"]
     raw["train"].update(steps=5, val_every_steps=2)
     cfg.write_text(yaml.safe_dump(raw))
     r = seg_quick("train", cfg)
@@ -253,6 +255,12 @@ def test_train_steps_sets_the_budget_in_optimiser_steps(em_folder, tmp_path):
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["steps"] == 5 and "epochs" not in resolved["train"]
 
-    r = seg_quick("train", cfg, "--set", "train.epochs=3", "--set", f"output.dir={tmp_path / 'run2'}")
+    raw["train"]["epochs"] = 3
+    cfg.write_text(yaml.safe_dump(raw))
+    r = seg_quick("train", cfg, "--set", f"output.dir={tmp_path / 'run2'}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "train: set steps or epochs, not both" in r.stderr
+    # On the command line one replaces the other.
+    r = seg_quick("train", cfg, "--set", "train.steps=2", "--set", f"output.dir={tmp_path / 'run3'}")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "run3" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2

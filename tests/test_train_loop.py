@@ -3,6 +3,7 @@ stopping, gradient accumulation and callbacks, on tiny runs over real EM crops."
 
 import copy
 import csv
+import math
 import os
 
 import numpy as np
@@ -195,3 +196,18 @@ def test_ema_warms_up_so_the_initial_weights_fade_fast():
     weight = ema.module.weight.detach()
     assert torch.allclose(weight, torch.full_like(weight, expected), atol=1e-6)
     assert expected > 0.999 and ema.updates == 21
+
+
+def test_default_validation_costs_at_most_a_tenth_of_the_training(em_folder, tmp_path):
+    """With no cadence set, validations are at least 6 x (validation pixels) / (crop pixels a step) steps
+    apart (a validation pixel costs about 2/3 of a training pixel), and none falls within half an interval
+    of the end, where the final validation comes anyway."""
+    t = trainer(em_folder, tmp_path / "run", epochs=30, steps_per_epoch=1, batch_size=2, val_every=None)
+    assert len(t.val_samples) == 2
+    # 2 validation images of 96x128 against 2 crops of 64x64 a step: at least 18 steps apart.
+    assert t.val_interval == math.ceil(6 * 2 * 96 * 128 / (2 * 64 * 64)) == 18
+    t.fit()
+    assert [int(r["step"]) for r in rows(tmp_path / "run")] == [18, 30]
+    t = trainer(em_folder, tmp_path / "run2", epochs=24, steps_per_epoch=1, batch_size=2, val_every=None)
+    t.fit()
+    assert [int(r["step"]) for r in rows(tmp_path / "run2")] == [24]  # 18 is within 9 of the end
