@@ -120,7 +120,7 @@ def compare(name: str, seed: int, steps: int | None, minutes: float | None, enco
     if minutes:
         sets = [*extra, f"train.time_limit_minutes={minutes}", *step_overrides(config, 100000, extra)]
     else:
-        sets = [*extra, *step_overrides(config, steps, extra)]
+        sets = [*extra, "train.time_limit_minutes=null", *step_overrides(config, steps, extra)]
     threads = 1 if parallel else None
     bare_json = tmp / f"{run_dir.name}_bare.json"
     bare_log = tmp / f"{run_dir.name}_bare.log"
