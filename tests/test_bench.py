@@ -1,4 +1,5 @@
-"""bench/accuracy.py's parts: the generated data sets, the bare smp loop, equal steps for `seg train`."""
+"""bench/accuracy.py's parts: the generated data sets, the bare smp loop on the real sets' file types, the
+template as a user edits it and equal steps for `seg train`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +50,44 @@ def test_bare_loop_trains_and_scores_the_test_images(tmp_path):
     assert result["pixels"] == 2 * 96 * 96 and 0 <= result["miou"] <= 1
 
 
-@pytest.mark.parametrize("steps, expected", [(4, ["train.epochs=2"]), (100, ["train.epochs=50"]),
-                                             (5, ["train.steps_per_epoch=1", "train.epochs=5"])])
-def test_seg_train_gets_the_same_number_of_steps(tmp_path, steps, expected):
-    make_data.make_isbi(tmp_path / "isbi")  # 20 train images: 16 after the template's 0.2 held out, 2 batches
-    config = accuracy.template_config(tmp_path, tmp_path / "isbi" / "train", ["membrane", "cell"], 1, tmp_path / "run")
-    assert accuracy.step_overrides(config, steps, []) == expected
+def test_bare_loop_reads_16_bit_tiff_and_binary_masks(tmp_path):
+    """The real sets' files: 16-bit TIFF images (scaled by each image's maximum) and 0/255 PNG masks,
+    read as classes 0 and 1."""
+    import tifffile
+
+    isbi = ROOT / "data" / "isbi2012" / "train"
+    for split, ids in (("train", range(3)), ("test", range(3, 5))):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir()
+        for i in ids:
+            image = np.asarray(Image.open(isbi / "images" / f"{i:02d}.png"))[:96, :128].astype(np.uint16) * 4 + 900
+            tifffile.imwrite(tmp_path / split / "images" / f"s{i}.tif", image)
+            Image.open(isbi / "labels" / f"{i:02d}.png").crop((0, 0, 128, 96)).save(tmp_path / split / "masks" / f"s{i}.png")
+    out = tmp_path / "bare.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bare_loop.py"), str(tmp_path / "train"), str(tmp_path / "test"),
+         "--classes", "2", "--in-channels", "1", "--steps", "2", "--encoder", "resnet18", "--crop", "64",
+         "--seed", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["seed"] == 3 and result["pixels"] == 2 * 96 * 128  # no pixel read as the ignore index
+    assert len(result["iou"]) == 2
+
+
+@pytest.mark.parametrize("steps", [4, 100])
+def test_seg_train_gets_the_template_with_the_users_lines_and_the_steps(tmp_path, monkeypatch, steps):
+    make_data.make_isbi(tmp_path / "lucchi_pp")  # a set laid out as the real ones: train/ and test/
+    monkeypatch.setattr(accuracy, "DATA", tmp_path)
+    config = accuracy.template_config(tmp_path, "lucchi_pp", tmp_path / "run")
+    written = yaml.safe_load(config.read_text())
+    template = yaml.safe_load(accuracy.TEMPLATE.read_text())
+    assert written["data"].pop("root") == str(tmp_path / "lucchi_pp" / "train")
+    assert written["data"].pop("classes") == ["background", "mitochondrion"]
+    assert written["data"].pop("in_channels") == 1 and written["output"].pop("dir") == str(tmp_path / "run")
+    for key in ("root", "classes", "in_channels"):
+        template["data"].pop(key)
+    template["output"].pop("dir")
+    assert written == template
+    assert accuracy.step_overrides(config, steps, []) == [f"train.steps={steps}"]
