@@ -56,6 +56,9 @@ class RefineNet(nn.Module):
         head_rcus: Residual conv units after RefineNet-1, before the classifier. Default **2** (the paper: "two
             additional RCUs before the final softmax prediction").
         dropout: Dropout probability before the classifier. Default **0.0** (the PyTorch port uses 0.5).
+        norm: Batch norm after every decoder convolution, residual branches starting at zero. Default
+            **True**: without it training from random initialisation explodes (`seg.models.refinenet.blocks`);
+            False is the paper's layout, for its weights.
 
     Returns:
         ``torch.nn.Module``: **RefineNet**, whose forward maps (N, in_channels, H, W) to logits
@@ -74,18 +77,21 @@ class RefineNet(nn.Module):
         crp_blocks: int = 2,
         head_rcus: int = 2,
         dropout: float = 0.0,
+        norm: bool = True,
     ):
         super().__init__()
         channels = _check_channels(channels)
         self.encoder = get_encoder(encoder_name, in_channels=in_channels, depth=5, weights=None)
         skips = list(self.encoder.out_channels[-4:])[::-1]  # strides 32, 16, 8, 4
 
-        blocks = [RefineNetBlock([skips[0]], channels[0], crp_blocks, adapt=[True])]
+        blocks = [RefineNetBlock([skips[0]], channels[0], crp_blocks, adapt=[True], norm=norm)]
         for i in range(1, 4):
-            blocks.append(RefineNetBlock([channels[i - 1], skips[i]], channels[i], crp_blocks, adapt=[False, True]))
+            blocks.append(
+                RefineNetBlock([channels[i - 1], skips[i]], channels[i], crp_blocks, adapt=[False, True], norm=norm)
+            )
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(
-            *(ResidualConvUnit(channels[3]) for _ in range(head_rcus)),
+            *(ResidualConvUnit(channels[3], norm=norm) for _ in range(head_rcus)),
             nn.Dropout(dropout),
             conv(channels[3], classes, kernel_size=3, bias=True),
         )
@@ -128,6 +134,8 @@ class RefineNetLW(nn.Module):
             (``encoder.features[18]`` becomes an identity, so a weights file for this encoder must leave out
             ``features.18.*``). Default **False**: the general layout on the four deepest maps, which on
             smp's mobilenet_v2 uses the 1280-channel map.
+        norm: Batch norm after every decoder convolution, pooling branches starting at zero. Default
+            **True** (see `seg.models.refinenet.blocks`); False is the paper's layout, for its weights.
 
     Returns:
         ``torch.nn.Module``: **RefineNetLW**, whose forward maps (N, in_channels, H, W) to logits
@@ -145,6 +153,7 @@ class RefineNetLW(nn.Module):
         channels: Sequence[int] | None = None,
         crp_blocks: int = 4,
         paper_mobilenet_v2: bool = False,
+        norm: bool = True,
     ):
         super().__init__()
         self.encoder = get_encoder(encoder_name, in_channels=in_channels, depth=5, weights=None)
@@ -164,7 +173,7 @@ class RefineNetLW(nn.Module):
             fusion_convs = None
         channels = _check_channels(channels)
 
-        light = dict(crp_blocks=crp_blocks, kernel_size=1, path_rcus=0, out_rcus=0)
+        light = dict(crp_blocks=crp_blocks, kernel_size=1, path_rcus=0, out_rcus=0, norm=norm)
         blocks = [RefineNetBlock([skips[0]], channels[0], adapt=[True], **light)]
         for i in range(1, 4):
             blocks.append(
