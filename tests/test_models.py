@@ -124,8 +124,7 @@ def test_rcu_is_residual(norm):
 
 
 @pytest.mark.parametrize("arch", ["refinenet", "refinenet_lw"])
-@pytest.mark.parametrize("encoder", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("lr", [0.001, 0.003])
+@pytest.mark.parametrize(("encoder", "lr"), [("resnet18", 0.001), ("resnet18", 0.003), ("resnet50", 0.003)])
 def test_refinenet_trains_from_scratch_without_blowing_up(arch, encoder, lr):
     """From random initialisation, 8 AdamW steps on ISBI crops of 128 (batch 2): every training loss
     finite and below 10. The papers' un-normalised decoder reached 9e6 on resnet18 at lr 0.001."""
