@@ -101,7 +101,7 @@ def train(
 def _plan_into_run(data_dir: Path, set_: list[str], resume: bool) -> Path:
     """Plan a config for `data_dir` and write it to RUN/plan.yaml; on --resume, the run's own plan."""
     from seg.config import apply_override
-    from training.plan import fingerprint, plan, plan_yaml, planned_device, to_config
+    from training.plan import fingerprint, plan, plan_yaml, planned_device
 
     wanted: dict = {}
     for item in set_:

@@ -265,14 +265,6 @@ def plan(fp: Fingerprint, device: str = "cpu", time_limit: float | None = None, 
 SECTIONS = ("data", "model", "train", "output")
 
 
-def to_config(rows: list[tuple[str, Any, str]]) -> dict[str, Any]:
-    raw: dict[str, Any] = {}
-    for key, value, _ in rows:
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = value
-    return raw
-
-
 def plan_yaml(fp: Fingerprint, rows: list[tuple[str, Any, str]]) -> str:
     """The config as YAML, each planned value with its reason as a comment."""
     h, w = fp.size("median")
