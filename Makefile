@@ -31,7 +31,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/accuracy.py --steps 100
+	$(BIN)/python bench/accuracy.py --steps 100 --seeds 0,1 --parallel
 	$(BIN)/python bench/distributed.py
 
 container-smoke:
