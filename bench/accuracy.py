@@ -62,22 +62,10 @@ def template_config(tmp: Path, name: str, run_dir: Path) -> Path:
     return path
 
 
-def step_overrides(config: Path, steps: int, extra: list[str]) -> list[str]:
-    """--set overrides that make `seg train` run exactly `steps` optimiser steps."""
-    from seg.config import load_config
-
-    cfg = load_config(config, extra)
-    if "steps" in type(cfg.train).model_fields:
-        return [f"train.steps={steps}"]
-    from seg.data import find_samples
-
-    train, _ = find_samples(cfg.data)
-    per_epoch = max(1, len(train) // cfg.train.batch_size)
-    sets = []
-    if steps % per_epoch:
-        per_epoch = min((d for d in range(1, steps + 1) if steps % d == 0), key=lambda d: abs(d - per_epoch))
-        sets.append(f"train.steps_per_epoch={per_epoch}")
-    return sets + [f"train.epochs={steps // per_epoch}"]
+def step_overrides(steps: int) -> list[str]:
+    """--set overrides that make `seg train` run exactly `steps` optimiser steps (they replace the
+    template's time limit and epochs)."""
+    return ["train.time_limit_minutes=null", f"train.steps={steps}"]
 
 
 def start(command: list[str], log: Path, threads: int | None = None) -> tuple[subprocess.Popen, float]:
@@ -118,9 +106,9 @@ def compare(name: str, seed: int, steps: int | None, minutes: float | None, enco
     if parallel:
         extra.append("train.threads=1")
     if minutes:
-        sets = [*extra, f"train.time_limit_minutes={minutes}", *step_overrides(config, 100000, extra)]
+        sets = [*extra, *step_overrides(100000), f"train.time_limit_minutes={minutes}"]
     else:
-        sets = [*extra, "train.time_limit_minutes=null", *step_overrides(config, steps, extra)]
+        sets = [*extra, *step_overrides(steps)]
     threads = 1 if parallel else None
     bare_json = tmp / f"{run_dir.name}_bare.json"
     bare_log = tmp / f"{run_dir.name}_bare.log"

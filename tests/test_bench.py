@@ -90,4 +90,8 @@ def test_seg_train_gets_the_template_with_the_users_lines_and_the_steps(tmp_path
         template["data"].pop(key)
     template["output"].pop("dir")
     assert written == template
-    assert accuracy.step_overrides(config, steps, []) == [f"train.steps={steps}"]
+    assert accuracy.step_overrides(steps)[-1] == f"train.steps={steps}"
+    from seg.config import load_config
+
+    cfg = load_config(config, accuracy.step_overrides(steps))
+    assert cfg.train.steps == steps and cfg.train.time_limit_minutes is None
