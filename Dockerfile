@@ -9,7 +9,7 @@
 #   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/in:/in:ro" -v "$PWD/out:/out" seg predict /in --out /out
 #
 # Training is not in the image: train with `pip install 'seg[train]'`, export ONNX, then mount the model
-# and set SEG_MODEL (see README.md, "Containers").
+# and set SEG_MODEL (see docs/containers.md).
 
 # A base with CUDA (NVIDIA's images set CUDA_VERSION) gets ONNX Runtime's CUDA build, any other the CPU build.
 ARG BASE_IMAGE=debian:bookworm-slim

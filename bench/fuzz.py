@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from mutants import REPRS, mutants  # noqa: E402
 from service import start_server, stop_server  # noqa: E402
 
-from seg.runtime import BUNDLED_MODEL  # noqa: E402
+from seg.inference.runtime import BUNDLED_MODEL  # noqa: E402
 
 
 

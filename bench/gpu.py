@@ -3,7 +3,7 @@
 it; the CPU provider on a 1024² crop for scale. Run by bench/gpu.sh, which checks for a GPU first.
 
 Each row is one `Predictor.predict_file` (tiled TIFF in, tiled TIFF mask out) after a warm-up run on a
-1024² image, batch size chosen for the GPU's memory (`seg.runtime.gpu_batch_size`) unless --batch-size.
+1024² image, batch size chosen for the GPU's memory (`seg.inference.runtime.gpu_batch_size`) unless --batch-size.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def session_predictor(path: Path, batch: int | None, fp16: bool = False):
     """A Predictor on one named provider (TensorRT is not one of `create_session`'s devices)."""
     import onnxruntime as ort
 
-    from seg.predictor import Predictor
-    from seg.runtime import CUDA, onnx_runner, read_model_info
+    from seg.inference.predictor import Predictor
+    from seg.inference.runtime import CUDA, onnx_runner, read_model_info
 
     options = [("TensorrtExecutionProvider", {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
                                                "trt_engine_cache_path": str(WORK / "trt")}), CUDA]  # fmt: skip
@@ -46,7 +46,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from seg.predictor import Predictor
+    from seg.inference.predictor import Predictor
     from training.export import export_onnx
 
     WORK.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-if ! "$PYTHON" -c 'import sys; from seg.runtime import gpu_count; sys.exit(0 if gpu_count() else 1)'; then
+if ! "$PYTHON" -c 'import sys; from seg.inference.runtime import gpu_count; sys.exit(0 if gpu_count() else 1)'; then
     echo "bench/gpu.sh: no CUDA GPU usable by ONNX Runtime here; nothing to run"
     exit 0
 fi

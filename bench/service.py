@@ -43,8 +43,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seg.imageio import decode_image, read_image  # noqa: E402
-from seg.predictor import Predictor  # noqa: E402
+from seg.inference.predictor import Predictor  # noqa: E402
+from seg.io.images import decode_image, read_image  # noqa: E402
 from serving.settings import BUNDLED_MODEL  # noqa: E402
 
 SAMPLES = ROOT / "data" / "samples"

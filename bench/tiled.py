@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from seg.runtime import int8_variant  # noqa: E402
+from seg.inference.runtime import int8_variant  # noqa: E402
 
 WORK = Path(os.environ.get("SEG_BENCH_DIR", Path(tempfile.gettempdir()) / "seg_bench"))
 BUNDLED = ROOT / "seg" / "assets" / "model.onnx"
@@ -60,7 +60,7 @@ def make_image(path: Path, size: int, channels: int = 3) -> Path:
         return path
     import tifffile
 
-    from seg.imageio import read_image
+    from seg.io.images import read_image
 
     slices = [read_image(p) for p in sorted((ROOT / "data" / "isbi2012" / "train" / "images").glob("*.png"))]
 
@@ -88,7 +88,7 @@ def make_image(path: Path, size: int, channels: int = 3) -> Path:
 
 def make_models(names: list[str], resnet18_run: Path | None = None) -> dict[str, dict[str, Any]]:
     """ONNX files (and checkpoints with the same weights, for MONAI) for the requested models."""
-    from seg.imageio import default_palette
+    from seg.io.images import default_palette
     from training.checkpoint import save_checkpoint
     from training.export import export_onnx
 
@@ -135,7 +135,7 @@ def make_models(names: list[str], resnet18_run: Path | None = None) -> dict[str,
 
 def _trained_run(run: Path) -> dict[str, Any]:
     """A trained run exported to ONNX, and its int8 model behind the gate (`seg export --int8`)."""
-    from seg.runtime import int8_variant
+    from seg.inference.runtime import int8_variant
     from training.export import export_onnx
     from training.quantize import export_int8
 
@@ -152,7 +152,7 @@ def _bundled_checkpoint() -> Path | None:
     """The run the bundled model was exported from (runs/NAME/checkpoints/best.pt), if it is here and fits."""
     import torch
 
-    from seg.runtime import create_session, read_model_info
+    from seg.inference.runtime import create_session, read_model_info
 
     info = read_model_info(create_session(BUNDLED, "cpu")[0])
     path = ROOT / "runs" / info.name / "checkpoints" / "best.pt"
@@ -166,8 +166,8 @@ def _bundled_checkpoint() -> Path | None:
 
 # -- children: one measurement each --------------------------------------------------------------------
 def child_ours(a: argparse.Namespace) -> dict[str, Any]:
-    from seg.predictor import Predictor
-    from seg.tiling import TilingOptions
+    from seg.inference.predictor import Predictor
+    from seg.inference.tiling import TilingOptions
 
     options = TilingOptions(tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
     predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options, precision=a.precision)
@@ -187,9 +187,9 @@ def child_ours(a: argparse.Namespace) -> dict[str, Any]:
 
 def child_bare(a: argparse.Namespace) -> dict[str, Any]:
     """ONNX Runtime alone on exactly the tiles our predictor runs: same count, shapes and batches."""
-    from seg.predictor import Predictor
-    from seg.sources import TiffSource
-    from seg.tiling import TilingOptions, tile_grid
+    from seg.inference.predictor import Predictor
+    from seg.inference.tiling import TilingOptions, tile_grid
+    from seg.io.sources import TiffSource
 
     options = TilingOptions(tile=a.tile, overlap=a.overlap, batch_size=a.batch_size)
     predictor = Predictor.from_onnx(a.model, device="cpu", threads=a.threads, options=options, precision=a.precision)
@@ -214,7 +214,7 @@ def child_bare(a: argparse.Namespace) -> dict[str, Any]:
 def _torch_model(a: argparse.Namespace):
     import torch
 
-    from seg.runtime import create_session, read_model_info
+    from seg.inference.runtime import create_session, read_model_info
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -231,8 +231,8 @@ def _torch_model(a: argparse.Namespace):
 def _load_normalised(a: argparse.Namespace, info) -> np.ndarray:
     import tifffile
 
-    from seg.imageio import to_channels
-    from seg.preprocess import normalize
+    from seg.inference.preprocess import normalize
+    from seg.io.images import to_channels
 
     image = to_channels(tifffile.imread(a.image), info.in_channels)
     return normalize(image, info.normalize)
@@ -455,13 +455,13 @@ def main() -> None:
 
 
 def _channels(model: Path) -> int:
-    from seg.runtime import create_session, read_model_info
+    from seg.inference.runtime import create_session, read_model_info
 
     return read_model_info(create_session(model, "cpu")[0]).in_channels
 
 
 def _quantization(path: Path) -> dict[str, Any]:
-    from seg.runtime import create_session, read_model_info
+    from seg.inference.runtime import create_session, read_model_info
 
     return read_model_info(create_session(path, "cpu")[0]).quantization
 
@@ -511,7 +511,7 @@ def print_tables(results: dict[str, Any]) -> None:
             ours_rss = f"{ours['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in ours else ours.get("error", "-")
             ours_t = f"{ours['seconds']:.0f} s" if "seconds" in ours else "-"
             if "stopped_after_s" in ours:
-                from seg.tiling import tile_grid
+                from seg.inference.tiling import tile_grid
 
                 total = tile_grid(row["size"], row["size"], row["tile"], row["overlap"], 32).tiles
                 ours_t = f"stopped after {ours['stopped_after_s']} s, {ours['tiles_done']}/{total} tiles done"

@@ -1,6 +1,6 @@
 """seg: U-Net and RefineNet segmentation, from a config file to a tiled ONNX predictor.
 
-The prediction path (`seg.predictor`, `seg.runtime`) imports no torch; the model zoo loads it on first use.
+The prediction path (`seg.inference.predictor`, `seg.inference.runtime`) imports no torch; the model zoo loads it on first use.
 """
 
 __version__ = "0.1.0"
@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return getattr(models, name)
     if name == "Predictor":
-        from seg.predictor import Predictor
+        from seg.inference.predictor import Predictor
 
         return Predictor
     raise AttributeError(f"module 'seg' has no attribute {name!r}")

@@ -13,8 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from seg.errors import ConfigError, SegError
-from seg.preprocess import Normalization
-from seg.tiling import TilingOptions
+from seg.inference.preprocess import Normalization
+from seg.inference.tiling import TilingOptions
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -73,17 +73,17 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _defaults(self):
-        if self.classes is None:
+        if self.classes is None and self.format not in ("coco", "labelme", "cvat"):  # exports: read with the data
             self.classes = list(VOC_CLASSES) if self.format == "voc" else ["background", "foreground"]
-        if len(self.classes) < 2:
+        if self.classes is not None and len(self.classes) < 2:
             raise ValueError("classes needs at least two names (background and one more)")
-        if self.palette is not None and len(self.palette) < len(self.classes):
+        if self.palette is not None and self.classes is not None and len(self.palette) < len(self.classes):
             raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes")
         if self.format == "coco" and self.annotations is None:
             raise ValueError("format coco needs annotations: the COCO JSON, relative to root")
         if self.format == "cvat":
             self.mask_mode = "color"
-        if self.mask_mode == "color":
+        if self.mask_mode == "color" and self.classes is not None:
             colours = [tuple(c) for c in self.class_palette[: len(self.classes)]]
             if self.ignore_color:
                 colours.append(tuple(self.ignore_color))
@@ -95,18 +95,20 @@ class DataConfig(Section):
 
     @property
     def num_classes(self) -> int:
+        if self.classes is None:
+            raise SegError(f"data.classes: not read from the {self.format} export yet (seg.data.samples.find_samples reads it)")
         return len(self.classes)
 
     @property
     def class_palette(self) -> list[list[int]]:
         """`palette`, or the VOC colour map for these classes."""
-        from seg.imageio import default_palette
+        from seg.io.images import default_palette
 
         return self.palette or default_palette(self.num_classes)
 
 
 class ModelConfig(Section):
-    arch: Literal["unet", "unetplusplus", "linknet", "attention_unet", "refinenet", "refinenet_lw"] = "unet"
+    arch: str = "unet"  # a name in seg.models.ARCHS (checked there, and by `seg train` before it starts)
     encoder: str = "resnet34"
     encoder_weights: str | None = None  # a name smp knows (imagenet, ssl, ...) or a local weights file
     options: dict[str, Any] = Field(default_factory=dict)
@@ -137,7 +139,7 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["cosine", "poly", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    loss: Literal["ce", "dice", "dice_ce", "focal", "weighted_ce"] = "dice_ce"
+    loss: str = "dice_ce"  # a name in training.losses.LOSSES (checked there, and by `seg train` before it starts)
     border_weight: BorderWeight | None = Field(None, validate_default=True)
     class_weights: list[float] | Literal["auto"] | None = Field(None, validate_default=True)
     seed: int = 0
@@ -193,7 +195,7 @@ class OutputConfig(Section):
     @field_validator("tile_size", "overlap")
     @classmethod
     def _tiling(cls, value, info):
-        """The limits of every tiling (`seg.tiling.TilingOptions`)."""
+        """The limits of every tiling (`seg.inference.tiling.TilingOptions`)."""
         try:
             TilingOptions(**{"tile" if info.field_name == "tile_size" else "overlap": value})
         except SegError as err:
@@ -246,15 +248,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(raw, item, path)
     keys = {item.partition("=")[0].strip() for item in overrides}
     train = raw.get("train")
-    for given, other in (("train.epochs", "steps"), ("train.steps", "epochs")):
-        if given in keys and f"train.{other}" not in keys and isinstance(train, dict):
-            train.pop(other, None)  # --set train.epochs=5 replaces the file's steps, and the other way round
+    # An override of one budget or validation cadence replaces the file's other ones (--set train.epochs=5
+    # drops the file's steps; --set train.val_every=1 its val_every_steps).
+    for group in (("epochs", "steps"), ("val_every", "val_every_steps", "val_every_minutes")):
+        given = [key for key in group if f"train.{key}" in keys]
+        if given and isinstance(train, dict):
+            for key in group:
+                if key not in given:
+                    train.pop(key, None)
     return validate_config(raw, path)
 
 
 def validate_config(raw: dict[str, Any], path: str | Path = "<config>") -> Config:
     base = Path(path).parent
-    raw = _from_export(raw, base, path)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
@@ -270,50 +276,19 @@ def validate_config(raw: dict[str, Any], path: str | Path = "<config>") -> Confi
     return cfg
 
 
-def _from_export(raw: dict[str, Any], base: Path, path: str | Path) -> dict[str, Any]:
-    """For an annotation tool's export: classes read from it when the config has none
-    (`seg.annotations.class_names`); for CVAT, a zip unpacked, and the colours from labelmap.txt."""
-    data = raw.get("data")
-    if not isinstance(data, dict) or data.get("format") not in ("coco", "labelme", "cvat"):
-        return raw
-    from seg.annotations import IGNORE_LABEL, class_names, cvat_root, labelmap, unpack_zip
-    from seg.errors import DataError
-
-    data = dict(data)
-    root = Path(str(data.get("root") or "."))
-    root = root if root.is_absolute() else (base / root).resolve()
-    try:
-        if data["format"] == "cvat":
-            root = cvat_root(unpack_zip(root) if root.suffix == ".zip" and root.is_file() else root)
-            data["root"] = str(root)
-        if not root.is_dir():
-            return raw  # _resolve_paths names it
-        if data.get("classes") is None:
-            data["classes"] = class_names(data, root)
-        if data["format"] == "cvat":
-            labels = labelmap(root)
-            missing = [name for name in data["classes"] if name not in labels]
-            if missing:
-                raise DataError(f"{root / 'labelmap.txt'}: no colour for data.classes {missing}")
-            data["palette"] = [labels[name] for name in data["classes"]]
-            data.setdefault("ignore_color", labels.get(IGNORE_LABEL))
-    except DataError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    return {**raw, "data": data}
-
-
 def _resolve_paths(cfg: Config, base: Path, path: str | Path) -> None:
     if not cfg.output.dir.is_absolute():
         cfg.output.dir = (base / cfg.output.dir).resolve()
     data = cfg.data
     if not data.root.is_absolute():
         data.root = (base / data.root).resolve()
-    if not data.root.is_dir():
+    zipped = data.format == "cvat" and data.root.suffix == ".zip" and data.root.is_file()  # unpacked when read
+    if not data.root.is_dir() and not zipped:
         raise ConfigError(f"{path}: data.root: no such folder {data.root}")
     for key in ("train_list", "val_list", "annotations", "val_annotations"):
         value = getattr(data, key)
         if key == "annotations" and data.format == "labelme":
-            continue  # a folder, checked by seg.annotations
+            continue  # a folder, checked by seg.data.labelme
         if value is not None:
             value = value if value.is_absolute() else data.root / value
             if not value.is_file():

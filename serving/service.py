@@ -1,39 +1,25 @@
-"""The HTTP service: one BentoML service around the shared tiled predictor, `seg.predictor.Predictor`.
+"""The HTTP service: one BentoML service around the shared tiled predictor, `seg.inference.predictor.Predictor`.
 
     SEG_MODEL=model.onnx bentoml serve serving.service:Segmentation      # or: seg serve model.onnx
 
 Every model endpoint goes request -> image array -> Predictor -> response. The image comes as a multipart
 upload (field `image`) or as the raw body (see `serving.gate`); it is checked against the limits from its
-header before any pixel is decoded. Client errors answer a JSON body {"error": "..."}:
-
-    400  unreadable, empty or unsupported image; parameters out of range (BentoML's validation, reworded)
-    401  API key missing or wrong (when SEG_API_KEY is set)
-    413  body over SEG_MAX_BYTES, image over SEG_MAX_PIXELS, SEG_MAX_SIDE or SEG_MAX_DECODE_BYTES
-    415  a Content-Type the route does not take (never reaches BentoML, which unpickles some)
-    429  more than SEG_CONCURRENCY requests at once (BentoML)
-    503  the server was told to stop (SIGTERM, SIGINT) while the request ran
-    504  not answered within SEG_TIMEOUT seconds (BentoML)
+header before any pixel is decoded. Client errors answer a JSON body {"error": "..."}; every status and
+when it is sent: docs/http-api.md, "Errors".
 
 A prediction checks between tile batches whether its request is past its deadline (SEG_TIMEOUT seconds
 after it arrived) or the server is stopping, and if so it stops there: the worker is free for the next
 request, and a stopped server exits within seconds.
 
-This module imports bentoml, numpy, PIL and (through seg.predictor) onnxruntime; never torch.
+This module imports bentoml, numpy, PIL and (through seg.inference.predictor) onnxruntime; never torch.
 """
 
 from __future__ import annotations
 
 import base64
-import contextvars
 import dataclasses
-import functools
-import io
-import signal
-import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Literal
+from typing import Annotated, Callable, Literal
 
 import bentoml
 import numpy as np
@@ -42,28 +28,26 @@ from PIL import Image
 from pydantic import BaseModel, Field, Strict, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from seg import imageio
 from seg.errors import ImageError, SegError
-from seg.modelinfo import ModelInfo
-from seg.predictor import Prediction, Predictor
-from seg.runtime import gpu_count
-from seg.sources import ArraySource, header_shape
-from seg.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
-from seg.writers import band_writer
+from seg.inference.modelinfo import ModelInfo
+from seg.inference.predictor import Prediction, Predictor
+from seg.inference.runtime import gpu_count
+from seg.inference.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
+from seg.io import images as imageio
+from seg.io.headers import header_shape
 from serving.gate import Gate
+from serving.lifecycle import Deadline, TooLarge, client_errors, request_check, stop_on_signals
+from serving.responses import display_bands, encode_bands, overlay_bands, png_bytes, run_lengths, timing
 from serving.settings import Settings
 
 SETTINGS = Settings.from_env()
 if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
     raise SegError(f"{SETTINGS.model}: no such ONNX model; set SEG_MODEL to a model written by `seg export`")
 MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
-BAND_PIXELS = 1 << 20  # pixels of an overlay made at a time
-STOPPING = threading.Event()  # set by SIGTERM or SIGINT: running predictions stop at their next tile batch
-DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # of the request, set by Deadline
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
 # strict, as the schema says: 64.0 for a tile, 0 for tta or true for a fraction are refused, not converted
@@ -90,21 +74,6 @@ TTA = Annotated[
     Field(description="test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips); "
           "true means flips, false none"),
 ]  # fmt: skip
-
-
-class TooLarge(SegError):
-    """An image with more pixels than the server takes."""
-
-
-class TimedOut(SegError):
-    """A request past its deadline."""
-
-
-class ShuttingDown(SegError):
-    """A request still running when the server was told to stop."""
-
-
-STATUS = {TooLarge: 413, ShuttingDown: 503, TimedOut: 504}  # any other SegError: 400
 
 
 class ClassCount(BaseModel):
@@ -142,19 +111,6 @@ class ServiceInfo(ModelInfo):
         description="the CUDA device id this worker uses: worker i has GPU (i - 1) mod the GPUs; null on the CPU",
     )
     limits: dict
-
-
-def client_errors(endpoint):
-    """The one place where errors become responses: by `STATUS`, any other SegError 400, as JSON."""
-
-    @functools.wraps(endpoint)
-    def answer(*args, **kwargs):
-        try:
-            return endpoint(*args, **kwargs)
-        except SegError as err:
-            return JSONResponse({"error": str(err)}, status_code=STATUS.get(type(err), 400))
-
-    return answer
 
 
 # The page at /ui: one static file that calls the endpoints below (open even with SEG_API_KEY, which it asks for).
@@ -275,22 +231,6 @@ class Segmentation:
         return image, self.predictor.predict(image, options, check=check)
 
 
-class Deadline:
-    """ASGI middleware: sets DEADLINE on a request's arrival, `timeout` seconds later, when BentoML answers 504.
-
-    Each request runs in its own task, so in its own context, which the endpoint's thread inherits.
-    """
-
-    def __init__(self, app, timeout: float):
-        self.app = app
-        self.timeout = timeout
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            DEADLINE.set(time.monotonic() + self.timeout)
-        await self.app(scope, receive, send)
-
-
 Segmentation.add_asgi_middleware(Deadline, timeout=SETTINGS.timeout)  # outside Gate: upload time counts
 Segmentation.add_asgi_middleware(
     Gate,
@@ -323,86 +263,3 @@ def read_upload(path: Path, limits: Settings, model_channels: int) -> np.ndarray
     return imageio.decode_image(data, "image")
 
 
-def request_check(timeout: float) -> Callable[[], None]:
-    """The current request's `check` for the predictor: raises ShuttingDown once the server is stopping and
-    TimedOut past the request's DEADLINE."""
-    deadline = DEADLINE.get(None) or time.monotonic() + timeout
-
-    def check() -> None:
-        if STOPPING.is_set():
-            raise ShuttingDown("the server is shutting down; send the request again")
-        if time.monotonic() > deadline:
-            raise TimedOut(f"not answered within {timeout:g} seconds")
-
-    return check
-
-
-def stop_on_signals() -> None:
-    """Make SIGTERM and SIGINT set STOPPING, then call the handler already installed (uvicorn's, which lets
-    running requests finish before the worker exits: they now stop at their next tile batch)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for number in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(number)
-        if not callable(previous):  # no server's handler to hand on to
-            continue
-
-        def handler(signum, frame, previous=previous) -> None:
-            STOPPING.set()
-            previous(signum, frame)
-
-        signal.signal(number, handler)
-
-
-def display_bands(image: np.ndarray, check: Callable[[], None]) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, 8-bit RGB band) of about BAND_PIXELS pixels each, every band stretched by one display
-    range (from the same sample as `Predictor.predict_file`'s), so that no whole-image copy is made."""
-    shown = imageio.display_range(ArraySource(image).sample())
-    rows = max(1, BAND_PIXELS // image.shape[1])
-    for y in range(0, image.shape[0], rows):
-        check()
-        yield y, imageio.to_display_rgb(image[y : y + rows], shown)
-
-
-def overlay_bands(
-    image: np.ndarray, mask: np.ndarray, palette: list, alpha: float, check: Callable[[], None]
-) -> Iterator[np.ndarray]:
-    """The overlay as 8-bit RGB row bands (`display_bands`) with the mask's classes blended in."""
-    for y, rgb in display_bands(image, check):
-        yield imageio.overlay(rgb, mask[y : y + len(rgb)], palette, alpha)
-
-
-def encode_bands(bands: Iterator[np.ndarray], height: int, width: int, format: str) -> bytes:
-    """A PNG encoded as the bands come (through a temporary file), or a JPEG (Pillow holds the whole picture)."""
-    if format == "png":
-        with tempfile.TemporaryDirectory(prefix="seg-overlay-") as folder:
-            path = Path(folder) / "overlay.png"
-            with band_writer(path, height, width, np.uint8, 3) as writer:
-                for band in bands:
-                    writer.write(band)
-            return path.read_bytes()
-    picture, y = Image.new("RGB", (width, height)), 0
-    for band in bands:
-        picture.paste(Image.fromarray(band), (0, y))
-        y += band.shape[0]
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def timing(result: Prediction) -> dict[str, str]:
-    """The predictor's share of the request time, as a standard Server-Timing header."""
-    return {"Server-Timing": f"predict;dur={result.seconds * 1000:.1f}"}
-
-
-def png_bytes(picture: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def run_lengths(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(values, counts) of the runs of equal values in the row-major flattened mask."""
-    flat = mask.ravel()
-    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
-    return flat[starts], np.diff(np.append(starts, flat.size))

@@ -1,19 +1,6 @@
 """Server configuration, read once from environment variables (never from a request).
 
-| variable | default | meaning |
-| --- | --- | --- |
-| SEG_MODEL | seg/assets/model.onnx | the ONNX model to serve |
-| SEG_DEVICE | auto | auto (CUDA when a GPU is usable, else CPU), cuda or cpu |
-| SEG_PRECISION | auto | auto (on the CPU, MODEL.int8.onnx beside the model when there is one), fp32 or int8 |
-| SEG_API_KEY | (none) | when set, model endpoints need `Authorization: Bearer KEY` |
-| SEG_MAX_BYTES | 134217728 | largest request body (128 MiB); larger ones get 413 |
-| SEG_MAX_PIXELS | 100000000 | largest image (width x height, read from the header); larger ones get 413 |
-| SEG_MAX_SIDE | 65536 | longest image side (width or height, read from the header); longer ones get 413 |
-| SEG_MAX_DECODE_BYTES | 536870912 | largest decoded image (512 MiB): width x height x channels x bytes per sample, from the header; larger ones get 413 |
-| SEG_MAX_TILE | 1024 | largest tile side a request may ask for |
-| SEG_TIMEOUT | 300 | seconds per request; then 504 |
-| SEG_CONCURRENCY | 32 | requests admitted at once per service; more get 429 (admitted ones queue for the model) |
-| SEG_WORKERS | 1 | worker processes, each with its own copy of the model |
+The variables, their defaults and meanings: docs/http-api.md, "Configuration".
 """
 
 from __future__ import annotations
@@ -24,8 +11,8 @@ from pathlib import Path
 from typing import Mapping
 
 from seg.errors import SegError
-from seg.runtime import BUNDLED_MODEL, PRECISIONS
-from seg.tiling import MIN_TILE
+from seg.inference.runtime import BUNDLED_MODEL, PRECISIONS
+from seg.inference.tiling import MIN_TILE
 
 
 @dataclass(frozen=True)

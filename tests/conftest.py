@@ -8,9 +8,6 @@ seam and parity tests.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,21 +34,6 @@ def em_crops(root: Path, count: int, rows: slice, cols: slice) -> Path:
     return root
 
 
-def kill_when(command: list[str], ready: Callable[[], bool], timeout: float, cwd: Path = ROOT) -> int:
-    """Run `command`, SIGKILL it as soon as `ready()` is true (polled), and return its exit code: 0 when
-    it finished before that (within `timeout` seconds it is killed in any case)."""
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    return proc.returncode
-
-
 def build_checkpoint(
     path: Path,
     arch: str = "unet",
@@ -67,9 +49,9 @@ def build_checkpoint(
     """Save a checkpoint like `Trainer.state()` for an untrained model, with balanced classes on EM images."""
     import torch
 
-    from seg.imageio import default_palette, read_image, to_channels
+    from seg.inference.preprocess import Normalization, normalize as normalize_image
+    from seg.io.images import default_palette, read_image, to_channels
     from seg.models import build_model
-    from seg.preprocess import Normalization, normalize as normalize_image
     from training.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
@@ -124,7 +106,7 @@ def build_conv_onnx(
     from onnx import TensorProto, helper, numpy_helper
 
     from seg import __version__
-    from seg.imageio import default_palette
+    from seg.io.images import default_palette
 
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.5, (4, in_channels, 3, 3)).astype(np.float32)
@@ -195,7 +177,7 @@ def conv_onnx(conv_onnx_factory) -> Path:
 @pytest.fixture(scope="session")
 def em_image() -> np.ndarray:
     """A real 512x512 8-bit EM slice (ISBI 2012 test set)."""
-    from seg.imageio import read_image
+    from seg.io.images import read_image
 
     return read_image(SAMPLES / "isbi_test_00.png")
 
@@ -203,7 +185,7 @@ def em_image() -> np.ndarray:
 @pytest.fixture(scope="session")
 def em_mosaic() -> np.ndarray:
     """A real-content 1024x1024 8-bit image: four ISBI 2012 slices side by side."""
-    from seg.imageio import read_image
+    from seg.io.images import read_image
 
     tiles = [read_image(EM_IMAGES / f"{i:02d}.png") for i in range(4)]
     return np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])

@@ -19,8 +19,8 @@ import torch.distributed as dist  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 import training.train as train_module  # noqa: E402
-from seg import imageio  # noqa: E402
 from seg.config import load_config  # noqa: E402
+from seg.io import images as imageio  # noqa: E402
 from training.callbacks import Callback  # noqa: E402
 
 config, notes = Path(sys.argv[1]), Path(sys.argv[2])

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 from seg.config import VOC_CLASSES, load_config
-from seg.data import find_samples
+from seg.data.samples import find_samples
 from training.data import SegmentationDataset, build_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +109,20 @@ def test_16bit_multichannel_tiff_with_percentile_normalisation(tmp_path):
     assert set(torch.unique(y).tolist()) == {0, 1}
     run_seg("train", cfg_path, *sets(*overrides))
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("given, dropped", [
+    ("train.val_every=1", "val_every_steps"),
+    ("train.val_every_minutes=5", "val_every_steps"),
+    ("train.steps=20", "epochs"),
+])
+def test_an_override_of_one_cadence_or_budget_replaces_the_files_other(given, dropped):
+    """configs/unet_isbi2012.yaml validates every 100 steps and budgets in epochs; a --set of another
+    cadence or budget is what the user asked for, not a conflict."""
+    cfg = load_config(ROOT / "configs" / "unet_isbi2012.yaml", [given])
+    key, _, value = given.partition("=")
+    assert getattr(cfg.train, key.split(".")[1]) == int(value)
+    assert getattr(cfg.train, dropped) in (None, cfg.train.model_fields[dropped].default)
+    both = ["train.val_every=1", "train.val_every_steps=10"]  # two cadences given at once are still refused
+    with pytest.raises(Exception, match="set one of val_every, val_every_steps"):
+        load_config(ROOT / "configs" / "unet_isbi2012.yaml", both)

@@ -21,7 +21,7 @@ from training.evaluate import evaluate
 from training.train import Trainer
 
 from conftest import ROOT, em_crops
-from test_train import write_config
+from helpers import write_config
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
 TRAIN = {"batch_size": 1, "epochs": 2, "steps_per_epoch": None, "val_every_steps": 3, "threads": None, "num_workers": 0}

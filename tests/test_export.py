@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 from seg.errors import SegError
-from seg.runtime import create_session, read_model_info
+from seg.inference.runtime import create_session, read_model_info
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.export import FP32_TOLERANCE, export_onnx
 
@@ -137,7 +137,7 @@ def test_eval_of_a_percentile_model_over_4_megapixels_matches_its_checkpoint(tmp
 
     from conftest import build_checkpoint
 
-    from seg.imageio import read_image, read_mask
+    from seg.io.images import read_image, read_mask
 
     ckpt = build_checkpoint(tmp_path / "pct.pt", normalize={"mode": "percentile", "mean": [0.5], "std": [0.25]},
                             tile_size=512)  # fmt: skip
@@ -166,8 +166,8 @@ def test_eval_of_a_percentile_model_over_4_megapixels_matches_its_checkpoint(tmp
 
 
 def test_one_model_description_from_checkpoint_to_onnx_and_back(unet_checkpoint, unet_onnx):
-    from seg.modelinfo import ModelInfo
-    from seg.predictor import Predictor
+    from seg.inference.modelinfo import ModelInfo
+    from seg.inference.predictor import Predictor
 
     ckpt = load_checkpoint(unet_checkpoint)
     info = ModelInfo.from_checkpoint(ckpt, "unet")
@@ -179,8 +179,8 @@ def test_one_model_description_from_checkpoint_to_onnx_and_back(unet_checkpoint,
 
 
 def test_bundled_model_written_by_an_earlier_export_still_loads():
-    from seg.predictor import Predictor
-    from seg.runtime import BUNDLED_MODEL
+    from seg.inference.predictor import Predictor
+    from seg.inference.runtime import BUNDLED_MODEL
 
     info = Predictor.from_onnx(BUNDLED_MODEL, device="cpu").info
     assert info.classes == ["membrane", "cell"] and info.in_channels == 1 and info.model_kwargs["arch"] == "unet"
@@ -188,7 +188,7 @@ def test_bundled_model_written_by_an_earlier_export_still_loads():
 
 def test_a_single_class_name_means_background_and_that_class():
     """A one-channel (sigmoid) model has two outputs, so two names and colours: `classes` is per output."""
-    from seg.modelinfo import ModelInfo
+    from seg.inference.modelinfo import ModelInfo
 
     info = ModelInfo(classes=["cell"], in_channels=1)
     assert (info.classes, info.num_classes, len(info.palette)) == (["background", "cell"], 2, 2)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from seg.imageio import read_mask
+from seg.io.images import read_mask
 
 from mutants import REPRS, mutants
-from test_service import bomb_png, running_server
+from helpers import bomb_png, running_server
 
 CORPUS = 80  # two rounds over the 10 seed files and 4 mutations
 

@@ -18,13 +18,15 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 from seg.errors import ImageError
-from seg.imageio import decode_image, orient, read_image, read_mask
-from seg.tiff import tiff_layout
-from seg.predictor import Predictor
-from seg.sources import TiffSource, image_size
-from seg.tiling import TilingOptions
+from seg.inference.predictor import Predictor
+from seg.inference.tiling import TilingOptions
+from seg.io.headers import image_size
+from seg.io.images import decode_image, orient, read_image, read_mask
+from seg.io.sources import TiffSource
+from seg.io.tiff import tiff_layout
 
 from conftest import SAMPLES
+from helpers import running_server
 
 runner = CliRunner()
 EM = np.asarray(Image.open(SAMPLES / "isbi_test_00.png"))
@@ -90,7 +92,7 @@ def test_every_orientation_as_pillow_turns_it_also_past_the_bomb_limit(conv_onnx
 
 def test_training_turns_image_and_mask_alike(tmp_path):
     from seg.config import DataConfig
-    from seg.data import Sample, load_pair
+    from seg.data.samples import Sample, load_pair
 
     phone_jpeg(tmp_path / "img.jpg", 6)
     labels = (EM[:200, :300] > 128).astype(np.uint8)
@@ -109,7 +111,7 @@ def test_training_turns_image_and_mask_alike(tmp_path):
 
 def test_one_header_reading_for_files_and_uploads(tmp_path):
     """`seg predict` (files) and the service (uploaded bytes) read sizes from headers by one function."""
-    from seg.sources import HeaderShape, header_shape
+    from seg.io.headers import HeaderShape, header_shape
 
     grey16 = (EM[:200, :300].astype(np.uint16) * 257)
     Image.fromarray(EM[:200, :300]).convert("RGB").save(tmp_path / "a.jpg", quality=90)
@@ -336,7 +338,7 @@ def test_channels_said_by_the_file_are_channels(conv_onnx_factory, tmp_path):
     tifffile.imwrite(tmp_path / "c.tif", stack[1], ome=True, metadata={"axes": "CYX"}, photometric="minisblack")
     predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=2), device="cpu")
 
-    predictor.predict_stack(tmp_path / "zc.tif", tmp_path / "zc_mask.tif", probabilities_path=tmp_path / "p.tif")
+    predictor.predict_file(tmp_path / "zc.tif", tmp_path / "zc_mask.tif", probabilities_path=tmp_path / "p.tif")  # a stack
     masks = tifffile.imread(tmp_path / "zc_mask.tif")
     assert masks.shape == (4, 300, 200)
     for page, image in zip(masks, stack):
@@ -357,7 +359,7 @@ def test_a_stack_is_read_one_slice_at_a_time(conv_onnx, tmp_path):
         tifffile.imwrite(tmp_path / f"s{slices}.tif", stack, photometric="minisblack", compression="zlib")
         del stack
         tracemalloc.start()
-        predictor.predict_stack(tmp_path / f"s{slices}.tif", tmp_path / f"m{slices}.tif")
+        predictor.predict_file(tmp_path / f"s{slices}.tif", tmp_path / f"m{slices}.tif")
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert tifffile.imread(tmp_path / "m96.tif").shape == (96, 256, 256)
@@ -394,7 +396,6 @@ def test_other_formats_are_refused_by_name(conv_onnx, tmp_path):
 
 
 def test_service_refuses_other_formats_and_stacks_and_turns_phone_photos(conv_onnx, tmp_path):
-    from test_service import running_server
 
     paths = _other_formats(tmp_path)
     tifffile.imwrite(tmp_path / "stack.tif", _stack(), imagej=True, metadata={"axes": "ZYX"})
@@ -428,7 +429,7 @@ def test_bilevel_tiff_reads_as_0_and_255_like_a_1_bit_png(tmp_path, em_image, ph
 
 
 def test_palette_tiff_header_counts_its_rgb_colours(tmp_path):
-    from seg.sources import header_shape
+    from seg.io.headers import header_shape
 
     colormap = np.stack([np.arange(256) * 257] * 3).astype(np.uint16)
     tifffile.imwrite(tmp_path / "p.tif", np.zeros((40, 50), np.uint8), photometric="palette", colormap=colormap)

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from conftest import SAMPLES, build_checkpoint, em_crops
 from seg.cli import app
 from seg.errors import SegError
-from seg.predictor import Predictor
-from seg.runtime import BUNDLED_MODEL, int8_variant
+from seg.inference.predictor import Predictor
+from seg.inference.runtime import BUNDLED_MODEL, int8_variant
 from training.evaluate import evaluate
+from helpers import running_server
 
 runner = CliRunner()
 
@@ -122,7 +123,6 @@ def test_precision_errors_are_one_line(exported, conv_onnx, tmp_path):
 
 
 def test_info_says_which_model_runs(exported, tmp_path):
-    from test_service import running_server
 
     for precision, want in (("auto", "int8"), ("fp32", "fp32")):
         (tmp_path / precision).mkdir()
@@ -140,7 +140,7 @@ def test_the_bundled_int8_model_passed_its_gate_and_runs_by_default():
     assert metadata(int8)["name"] == metadata(BUNDLED_MODEL)["name"]
     predictor = Predictor.from_onnx(BUNDLED_MODEL, device="cpu")
     assert (predictor.path, predictor.info.precision) == (int8, "int8")
-    from seg.imageio import read_image
+    from seg.io.images import read_image
 
     image = read_image(SAMPLES / "isbi_test_01.png")
     fp32 = Predictor.from_onnx(BUNDLED_MODEL, device="cpu", precision="fp32").predict(image).mask

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import em_crops
-from test_train import seg, seg_quick, write_config
+from helpers import seg, seg_quick, write_config
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,7 @@ def test_full_refinenet_101_matches_released_model():
 
 def test_light_weight_resnet50_macs():
     """MACs at 625x468: the encoder counts as torchvision's ResNet-50 (4.09 GMACs at 224x224), the decoder
-    exactly as its 1x1/3x3 convolutions; the total is ~11% above the authors' 33 B (see the README)."""
+    exactly as its 1x1/3x3 convolutions; the total is ~11% above the authors' 33 B (see docs/models.md, "Size and cost")."""
     with torch.device("meta"):
         net = RefineNetLW("resnet50", classes=21)
     assert abs(count_macs(net.encoder, (1, 3, 224, 224)) / 4.09e9 - 1) < 0.01

@@ -127,7 +127,7 @@ def test_foreground_crops_hold_foreground_at_their_share(sets):
     """data.foreground_crops f: a share f of the training crops is drawn around foreground, the rest
     uniformly, so crops with foreground rise from p to f + (1 - f) p."""
     from seg.config import DataConfig
-    from seg.data import find_samples
+    from seg.data.samples import find_samples
     from training.data import SegmentationDataset, build_augmentation
 
     def share(f: float) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from seg.cli import app
-from seg.imageio import read_mask
-from seg.runtime import cuda_usable
+from seg.inference.runtime import cuda_usable
+from seg.io.images import read_mask
 
-from conftest import EM_IMAGES, SAMPLES, kill_when
+from conftest import EM_IMAGES, SAMPLES
+from helpers import seg_killed_while_writing
 
 runner = CliRunner()
 
@@ -158,11 +159,11 @@ def test_unreadable_inputs_are_reported_skipped_and_exit_1(conv_onnx, image_tree
 
 def test_bundled_model_is_the_default(conv_onnx, tmp_path, monkeypatch):
     monkeypatch.delenv("SEG_MODEL", raising=False)
-    monkeypatch.setattr("seg.runtime.BUNDLED_MODEL", tmp_path / "assets" / "model.onnx")
+    monkeypatch.setattr("seg.inference.runtime.BUNDLED_MODEL", tmp_path / "assets" / "model.onnx")
     code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
     assert code == 2 and "bundled model" in output and "missing" in output
 
-    monkeypatch.setattr("seg.runtime.BUNDLED_MODEL", conv_onnx)
+    monkeypatch.setattr("seg.inference.runtime.BUNDLED_MODEL", conv_onnx)
     code, output = predict(SAMPLES / "isbi_test_00.png", "--out", tmp_path / "out")
     assert code == 0, output
     assert summary_of(tmp_path / "out")["model"] == str(conv_onnx)
@@ -235,10 +236,9 @@ def test_killed_run_leaves_no_half_written_mask(conv_onnx, tmp_path):
     big.parent.mkdir()
     tifffile.imwrite(big, rng.integers(0, 256, (6000, 2000), dtype=np.uint8), rowsperstrip=64, compression="zlib")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "seg.cli", "predict", str(conv_onnx), str(big), "--out", str(out), "--format", "tif"]
-    if kill_when(cmd, lambda: bool(list(out.glob(".big.*.tmp"))), timeout=60) == 0:
-        pytest.skip("the prediction finished before it could be killed")
-    assert not (out / "big.tif").exists()
+    code = seg_killed_while_writing(".big.", "predict", conv_onnx, big, "--out", out, "--format", "tif")
+    assert code == -signal.SIGKILL
+    assert not (out / "big.tif").exists() and list(out.glob(".big.*"))  # a half-written temporary file only
 
     code, output = predict(conv_onnx, big, "--out", out, "--format", "tif")
 
@@ -246,16 +246,25 @@ def test_killed_run_leaves_no_half_written_mask(conv_onnx, tmp_path):
     assert tifffile.imread(out / "big.tif").shape == (6000, 2000)
 
 
-def test_progress_bars_on_a_terminal(conv_onnx, tmp_path):
-    from seg.batch import run_batch
-    from seg.predictor import Predictor
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_on_a_terminal(conv_onnx, tmp_path, monkeypatch, terminal):
+    """On a terminal the run draws bars (images, and the tiles of a large image) and no counted lines;
+    elsewhere it prints counted lines and no bar."""
+    from seg.inference.predictor import Predictor
+    from seg.jobs.batch import run_batch
 
+    monkeypatch.delenv("CI", raising=False)
     tifffile.imwrite(tmp_path / "wide.tif", np.zeros((300, 3000), np.uint8))
     stream = io.StringIO()
-    console = Console(file=stream, force_terminal=True, width=100)
+    console = Console(file=stream, force_terminal=terminal, width=100, color_system=None)
     predictor = Predictor.from_onnx(conv_onnx, device="cpu")
     summary = run_batch(predictor, [str(tmp_path / "wide.tif"), str(SAMPLES)], tmp_path / "out", console=console)
-    assert summary["ok"] == 4 and "model" in stream.getvalue()
+    text = stream.getvalue()
+    assert summary["ok"] == 4
+    drawn = "━" in text and "images" in text  # rich's bar and its label
+    assert drawn is terminal
+    assert ("tiles of wide.tif" in text) is terminal  # the large image's own bar
+    assert ("[4/4] ok" in text) is not terminal
 
 
 def test_summaries_of_the_boolean_tta_still_skip(conv_onnx, tmp_path):

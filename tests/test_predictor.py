@@ -13,13 +13,13 @@ import tifffile
 from PIL import Image
 
 from seg.errors import ImageError, SegError
-from seg.imageio import decode_image, overlay, read_image, read_mask
-from seg.tiff import tiff_layout
-from seg.predictor import Predictor
-from seg.runtime import cuda_usable
-from seg.sources import SAMPLE_PIXELS, ArraySource, TiffSource, open_image
-from seg.tiling import TilingOptions, softmax, tile_grid
-from seg.writers import output_is_whole
+from seg.inference.predictor import Predictor
+from seg.inference.runtime import cuda_usable
+from seg.inference.tiling import TilingOptions, softmax, tile_grid
+from seg.io.images import decode_image, overlay, read_image, read_mask
+from seg.io.sources import SAMPLE_PIXELS, ArraySource, TiffSource, open_image
+from seg.io.tiff import tiff_layout
+from seg.io.writers import output_is_whole
 
 
 def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -32,7 +32,7 @@ def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 # -- the inference path --------------------------------------------------------------------------------
 def test_inference_path_does_not_import_torch():
-    code = "import sys, seg.predictor, seg.runtime, seg.batch; print('torch' in sys.modules)"
+    code = "import sys, seg.inference.predictor, seg.inference.runtime, seg.jobs.batch; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -75,7 +75,7 @@ def test_matches_the_pytorch_predictor(unet_onnx, unet_checkpoint, em_image):
 
 def test_any_runner_behind_the_one_predictor(em_image):
     """`Predictor` takes any function from tiles to logits: a pointwise one gives its per-pixel answer."""
-    from seg.modelinfo import ModelInfo
+    from seg.inference.modelinfo import ModelInfo
 
     info = ModelInfo(classes=["dark", "bright"], in_channels=1, tile_size=128)  # fixed: (v / 255 - 0.5) / 0.25
     predictor = Predictor(lambda batch: np.concatenate([-batch, batch], axis=1), info)
@@ -251,7 +251,7 @@ def test_written_files_are_tiled_tiffs_and_palette_pngs(conv_onnx, em_image, tmp
 
 
 def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_factory, tmp_path):
-    """The file path stretches every band by one range: the picture equals `seg.imageio.overlay` of the
+    """The file path stretches every band by one range: the picture equals `seg.io.images.overlay` of the
     whole image (what the service's /overlay and the training report draw)."""
     predictor = Predictor.from_onnx(conv_onnx_factory(in_channels=3), device="cpu", options=TilingOptions(tile=128))
     image = (_rgb(700, 300).astype(np.uint16) * 200 + 1000).astype(np.uint16)
@@ -270,7 +270,7 @@ def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_f
     ids=["grey", "rgb", "channel-first", "one-page-stack"],
 )
 def test_tiff_layouts_read_alike_whole_and_by_bands(tmp_path, stored, expected):
-    """File, bytes and band reader share one layout rule (`seg.tiff.tiff_layout`)."""
+    """File, bytes and band reader share one layout rule (`seg.io.tiff.tiff_layout`)."""
     data = np.random.default_rng(0).integers(0, 60000, stored).astype(np.uint16)
     planes = {"planarconfig": "separate"} if stored[0] == 2 else {}  # channel-first: one page of planes
     tifffile.imwrite(tmp_path / "in.tif", data, photometric="minisblack", **planes)
@@ -376,7 +376,7 @@ def test_cuda_matches_cpu(unet_onnx, em_image):
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU")
 def test_cuda_uses_io_binding_and_a_batch_for_its_memory(unet_onnx, em_image):
-    from seg.runtime import BoundRunner, gpu_batch_size
+    from seg.inference.runtime import BoundRunner, gpu_batch_size
 
     gpu = Predictor.from_onnx(unet_onnx, device="cuda")
     assert isinstance(gpu.run, BoundRunner) and gpu.run.device == "cuda"
@@ -387,7 +387,7 @@ def test_cuda_uses_io_binding_and_a_batch_for_its_memory(unet_onnx, em_image):
 def test_io_binding_runner_matches_session_run(unet_onnx, em_image):
     """The I/O-bound runner (what CUDA uses) on the CPU provider: the same logits as `session.run`, its
     device buffers kept while the batch shape stays and bound anew when it changes."""
-    from seg.runtime import BoundRunner, create_session, onnx_runner
+    from seg.inference.runtime import BoundRunner, create_session, onnx_runner
 
     session, _ = create_session(unet_onnx, device="cpu")
     plain, bound = onnx_runner(session, bound=False), onnx_runner(session, bound=True)
@@ -405,7 +405,7 @@ def test_io_binding_runner_matches_session_run(unet_onnx, em_image):
 
 
 def test_gpu_batch_size_follows_free_memory():
-    from seg.runtime import gpu_batch_size
+    from seg.inference.runtime import gpu_batch_size
 
     gib = 1 << 30
     assert gpu_batch_size(512, free=80 * gib) == 32  # capped

@@ -5,7 +5,7 @@ import io
 import pytest
 from rich.console import Console
 
-from seg.progress import Progress
+from seg.jobs.progress import Progress
 
 
 def console(terminal: bool) -> tuple[Console, io.StringIO]:

@@ -11,8 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from seg.cli import app
-
-from test_shards import em_folder
+from helpers import em_crops_tree
 
 runner = CliRunner()
 TIMING = {"seconds"}
@@ -35,7 +34,7 @@ def comparable(summary: dict, out: Path) -> dict:
 
 def test_ray_actors_give_the_local_masks_and_summary(tmp_path, conv_onnx):
     pytest.importorskip("ray")
-    inputs = em_folder(tmp_path / "in", 19)
+    inputs = em_crops_tree(tmp_path / "in", 19)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # fails in both, without stopping either
     local, distributed = tmp_path / "local", tmp_path / "ray"
     args = ["predict", str(conv_onnx), str(inputs), "--overlay"]
@@ -58,7 +57,7 @@ def test_ray_actors_give_the_local_masks_and_summary(tmp_path, conv_onnx):
 
 def test_without_ray_the_flag_says_how_to_get_it(tmp_path, conv_onnx, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
-    inputs = em_folder(tmp_path / "in", 1)
+    inputs = em_crops_tree(tmp_path / "in", 1)
     result = runner.invoke(app, ["predict", str(conv_onnx), str(inputs), "--out", str(tmp_path / "out"), "--ray"])
     assert result.exit_code == 2
     assert "pip install 'seg[distributed]'" in result.output

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from seg.config import DataConfig
-from seg.data import Sample, load_pair
-from seg.imageio import colorize, to_display_rgb
+from seg.data.samples import Sample, load_pair
+from seg.io.images import colorize, to_display_rgb
 from training.report import plot_metrics, write_overlays
 
 ISBI = Path(__file__).resolve().parents[1] / "data" / "isbi2012" / "train"

@@ -13,16 +13,12 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -30,63 +26,15 @@ import pytest
 import tifffile
 from PIL import Image
 
-from seg.imageio import decode_image, read_image
-from seg.predictor import Predictor
-from seg.tiling import TilingOptions
+from seg.inference.predictor import Predictor
+from seg.inference.tiling import TilingOptions
+from seg.io.images import decode_image, read_image
+from helpers import KEY, Server, bomb_png, encode, mask_of, read_reply, running_server, send_head, worker_peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
-KEY = "test-key-0123"
 MAX_BYTES = 4_000_000
 MAX_PIXELS = 2048 * 2048
-
-
-class Server(NamedTuple):
-    url: str
-    pid: int
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(model: Path, folder: Path, **env: str) -> Iterator[Server]:
-    """`seg serve MODEL` on 127.0.0.1 and a free port, ready (GET /readyz is 200) within 90 s."""
-    port = free_port()
-    log = folder / f"server-{port}.log"
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    environ = {**inherited, "BENTOML_HOME": str(folder / "bentoml"), **env}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "seg.cli", "serve", str(model), "--port", str(port)],
-            env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 90 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield Server(url, proc.pid, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the server and its workers
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -116,27 +64,6 @@ def local(unet_onnx) -> Predictor:
     return Predictor.from_onnx(unet_onnx, device="cpu")
 
 
-# -- images ----------------------------------------------------------------------------------------------
-def encode(array: np.ndarray, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    if fmt.startswith("TIFF"):
-        planar = {"photometric": "minisblack", "planarconfig": "separate"} if fmt == "TIFF-planar" else {}
-        tifffile.imwrite(buffer, array, **planar, **options)
-    else:
-        Image.fromarray(array).save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(side: int = 100_000) -> bytes:
-    """A valid PNG header for side x side grey pixels, with a few bytes of data: only the header is honest."""
-    head = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-    return b"\x89PNG\r\n\x1a\n" + head + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + png_chunk(b"IEND", b"")
-
-
 def bomb_tiff(side: int = 100_000) -> bytes:
     """A 16 x 16 TIFF whose header claims side x side pixels."""
     data = bytearray(encode(np.zeros((16, 16), np.uint8), "TIFF"))
@@ -163,44 +90,9 @@ def em_mask(local, em) -> np.ndarray:
     return local.predict(em).mask
 
 
-def mask_of(png: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as im:
-        assert im.format == "PNG"
-        return np.asarray(im)
-
-
 def post(url: str, image: bytes, route: str = "/segment", headers=None, **fields) -> httpx.Response:
     data = {k: json.dumps(v) for k, v in fields.items()}
     return httpx.post(url + route, files={"image": ("a.img", image)}, data=data, headers=headers, timeout=120)
-
-
-def send_head(url: str, head: str, body: bytes = b"") -> socket.socket:
-    """A socket that has sent a request's head and `body` (possibly less than announced)."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
-    return sock
-
-
-def read_reply(sock: socket.socket) -> tuple[int, dict]:
-    """The status and JSON body of the response on `sock` (which is then closed)."""
-    with sock:
-        reply = b""
-        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < content_length(reply):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    status_line, _, rest = reply.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.split(b"\r\n\r\n", 1)[1])
-
-
-def content_length(reply: bytes) -> int:
-    for line in reply.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
 
 
 # -- the endpoints ------------------------------------------------------------------------------------------
@@ -360,8 +252,6 @@ def test_seg_predict_writes_the_same_mask(server, unet_onnx, em_png, tmp_path):
 
     image = SAMPLES / "isbi_test_00.png"
     cli = CliRunner().invoke(app, ["predict", str(unet_onnx), str(image), "--out", str(tmp_path)])
-    if cli.exit_code == 2 and "not available yet" in cli.output:
-        pytest.skip("`seg predict` is not available yet")
     assert cli.exit_code == 0, cli.output
     written = np.asarray(Image.open(tmp_path / "isbi_test_00.png"))
     np.testing.assert_array_equal(written, mask_of(post(server.url, em_png).content))
@@ -456,19 +346,6 @@ def test_api_key_gates_model_endpoints_only(guarded, em_png, tmp_path):
     with bentoml.SyncHTTPClient(guarded.url) as client, pytest.raises(bentoml.exceptions.BentoMLException) as error:
         client.segment(image=path)
     assert error.value.error_code == 401
-
-
-def worker_peak_rss(server: Server) -> int | None:
-    """Peak resident memory (bytes) of the server's busiest child process (Linux), else None."""
-    peaks = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        except OSError:
-            continue
-        if int(fields.get("PPid", "0")) == server.pid and "VmHWM" in fields:
-            peaks.append(int(fields["VmHWM"].split()[0]) * 1024)
-    return max(peaks, default=None)
 
 
 @pytest.mark.slow

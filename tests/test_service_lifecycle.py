@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from conftest import build_conv_onnx
-from seg.imageio import overlay
-from test_service import Server, encode, running_server, worker_peak_rss
+from seg.io.images import overlay
+from helpers import Server, encode, running_server, worker_peak_rss
 
 RAW_PNG = {"content-type": "image/png"}
 TIMEOUT = 4  # SEG_TIMEOUT of the deadline test's server
@@ -171,7 +171,7 @@ def fast(conv_onnx_factory, tmp_path_factory) -> Server:
 
 def test_overlay_by_bands_is_the_whole_image_overlay(fast, conv_onnx_factory):
     """A 16-bit image of several bands: every band is stretched by the one display range of the image."""
-    from seg.predictor import Predictor
+    from seg.inference.predictor import Predictor
 
     rng = np.random.default_rng(0)
     image = (rng.gamma(2.0, 3000.0, (1500, 1400)) + np.linspace(0, 20000, 1400)).clip(0, 65535).astype(np.uint16)

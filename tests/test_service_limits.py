@@ -14,7 +14,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 import pytest
-from test_service import KEY, Server, encode, png_chunk, read_reply, running_server, send_head
+from helpers import KEY, Server, encode, png_chunk, read_reply, running_server, send_head
 
 MAX_PIXELS = 1_000_000
 DECODE_BYTES = 100_000

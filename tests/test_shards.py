@@ -6,26 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from typer.testing import CliRunner
 
 from seg.cli import app
 
-from conftest import EM_IMAGES
+from helpers import em_crops_tree
 
 runner = CliRunner()
-
-
-def em_folder(root: Path, count: int) -> Path:
-    """`count` 96x128 crops of real ISBI slices, some in a sub-folder."""
-    sources = sorted(EM_IMAGES.glob("*.png"))
-    for i in range(count):
-        image = np.asarray(Image.open(sources[i % len(sources)]))[i * 7 : i * 7 + 96, :128]
-        path = root / ("sub" if i % 3 == 0 else "") / f"em{i:02d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-    return root
 
 
 def outputs(out: Path) -> dict[str, bytes]:
@@ -33,7 +20,7 @@ def outputs(out: Path) -> dict[str, bytes]:
 
 
 def test_parts_cover_one_whole_run_and_their_summaries_merge(tmp_path, conv_onnx):
-    inputs = em_folder(tmp_path / "in", 7)
+    inputs = em_crops_tree(tmp_path / "in", 7)
     whole = tmp_path / "whole"
     assert runner.invoke(app, ["predict", str(conv_onnx), str(inputs), "--out", str(whole)]).exit_code == 0
     parts = tmp_path / "parts"
@@ -68,7 +55,7 @@ def test_parts_cover_one_whole_run_and_their_summaries_merge(tmp_path, conv_onnx
 
 
 def test_a_missing_part_leaves_the_merge_incomplete_and_bad_ids_exit_2(tmp_path, conv_onnx):
-    inputs = em_folder(tmp_path / "in", 4)
+    inputs = em_crops_tree(tmp_path / "in", 4)
     out = tmp_path / "out"
     runner.invoke(app, ["predict", str(conv_onnx), str(inputs), "--out", str(out), "--num-parts", "2", "--part-id", "0"])
     result = runner.invoke(app, ["merge-summaries", str(out)])

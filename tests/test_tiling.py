@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seg.errors import SegError
-from seg.tiling import MAX_TILE, MIN_TILE, TilingOptions, predict_tiled, round_up, softmax, tile_grid
+from seg.inference.tiling import MAX_TILE, MIN_TILE, TilingOptions, predict_tiled, round_up, softmax, tile_grid
 
 THIN = [(1, 1_000_000), (1_000_000, 1), (10, 100_000), (100_000, 10), (3, 70_000)]
 
@@ -126,7 +126,7 @@ def test_seg_predict_thin_real_images(tmp_path, shape):
     from typer.testing import CliRunner
 
     from seg.cli import app
-    from seg.imageio import read_image, read_mask
+    from seg.io.images import read_image, read_mask
 
     from conftest import SAMPLES
 
@@ -188,7 +188,7 @@ def tiled(image: np.ndarray, run, **options) -> np.ndarray:
 
 
 def em_crop(height: int, width: int) -> np.ndarray:
-    from seg.imageio import read_image
+    from seg.io.images import read_image
 
     from conftest import SAMPLES
 

@@ -5,56 +5,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
-from seg.cli import app
 
 from conftest import em_crops
-SEG = [sys.executable, "-m", "seg.cli"]
-
-
-def seg(*args, timeout=300):
-    """`seg ARGS` in a fresh process, as a user runs it."""
-    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([*SEG, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def seg_quick(*args):
-    """`seg ARGS` in this process (for commands that fail before any work)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+from helpers import SEG, seg, seg_quick, write_config
 
 
 @pytest.fixture(scope="module")
 def em_folder(tmp_path_factory):
     """Eight 96x128 crops of real ISBI slices with their 0/255 membrane masks."""
     return em_crops(tmp_path_factory.mktemp("em"), 8, slice(100, 196), slice(50, 178))
-
-
-def write_config(path: Path, data_root: Path, out: Path, **train) -> Path:
-    if not {"val_every", "val_every_steps", "val_every_minutes"} & train.keys():
-        train["val_every"] = 1  # tiny validation images would otherwise validate only at the end
-    cfg = {
-        "data": {
-            "root": str(data_root), "classes": ["membrane", "cell"], "in_channels": 1, "crop_size": 64,
-            "val_fraction": 0.25, "cache": True,
-        },
-        "model": {"arch": "unet", "encoder": "resnet18", "options": {"decoder_channels": [32, 16, 16, 8, 8]}},
-        "train": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 2, "lr": 0.003, "seed": 7, "threads": 2, **train},
-        "output": {"dir": str(out), "tile_size": 64, "overlap": 0.25, "overlays": 1},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def last_row(run: Path) -> dict:

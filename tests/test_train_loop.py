@@ -19,7 +19,7 @@ from training.export import export_onnx
 from training.train import Trainer
 
 from conftest import em_crops
-from test_train import write_config
+from helpers import write_config
 
 
 @pytest.fixture(scope="module")

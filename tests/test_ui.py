@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLES
-from seg.runtime import BUNDLED_MODEL
-from test_service import KEY, mask_of, running_server
+from seg.inference.runtime import BUNDLED_MODEL
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -27,6 +26,7 @@ pytestmark = pytest.mark.skipif(
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from helpers import KEY, mask_of, running_server
 
 SLICE = SAMPLES / "isbi_test_00.png"
 

@@ -1,4 +1,4 @@
-"""seg.writers: files written by row bands of any height equal the image, are renamed only when complete,
+"""seg.io.writers: files written by row bands of any height equal the image, are renamed only when complete,
 and `output_is_whole` tells a finished file from a cut one."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import tifffile
 from PIL import Image
 
 from seg.errors import SegError
-from seg.writers import band_writer, output_is_whole, page_writer
+from seg.io.writers import band_writer, output_is_whole, page_writer
 
 from conftest import SAMPLES
 

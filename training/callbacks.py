@@ -59,7 +59,7 @@ class MetricsCSV(Callback):
     def on_validation(self, trainer: Trainer, row: dict[str, Any]) -> None:
         import csv
 
-        from seg.imageio import atomic_path
+        from seg.io.images import atomic_path
 
         keys: list[str] = []
         for item in trainer.history:

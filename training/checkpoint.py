@@ -10,8 +10,8 @@ import torch
 
 from seg.config import Config
 from seg.errors import SegError
-from seg.imageio import atomic_path
-from seg.modelinfo import ModelInfo
+from seg.inference.modelinfo import ModelInfo
+from seg.io.images import atomic_path
 from seg.models import SegModel, build_model
 
 FORMAT = "seg-checkpoint/1"

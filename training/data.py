@@ -1,4 +1,4 @@
-"""The training data set: normalised, augmented crops of the sample pairs `seg.data` finds and checks.
+"""The training data set: normalised, augmented crops of the sample pairs `seg.data.samples` finds and checks.
 
 `SegmentationDataset` yields (C, H, W) float32 tensors and (H, W) int64 masks for a torch DataLoader,
 and with border weights an (H, W) float32 weight map per crop; `border_weight_map` is U-Net's weight map;
@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from seg.config import BorderWeight, DataConfig
-from seg.data import Sample, load_pair
+from seg.data.samples import Sample, load_pair
 from seg.errors import DataError
-from seg.preprocess import normalize
+from seg.inference.preprocess import normalize
 
 
 def border_weight_map(

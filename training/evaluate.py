@@ -4,18 +4,20 @@ the ISBI 2012 challenge's Rand error and variation of information of the cell re
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from seg.config import DataConfig, load_config
-from seg.data import find_samples, load_pair
+from seg.data.samples import find_samples, load_pair
 from seg.errors import SegError
+from seg.inference.predictor import Predictor
+from seg.inference.tiling import TilingOptions
 from seg.metrics import ConfusionMatrix
-from seg.predictor import Predictor
 
 
 def load_predictor(model: Path, device: str = "auto", precision: str = "auto") -> Predictor:
@@ -45,7 +47,49 @@ def em_metrics(pred: np.ndarray, mask: np.ndarray, cell: int = 1) -> dict[str, f
     return {"rand_error": float(error), "vi": float(split + merge), "vi_split": float(split), "vi_merge": float(merge)}
 
 
-EM_TTA = "d4"  # what `tta="auto"` means on two-class EM data: it lowered the held-out pixel error (README)
+@dataclass
+class Scores:
+    """What `score_images` gathers: one confusion matrix over every image; the summed negative log-likelihood
+    of the true classes and the pixels it covers (with `loss`); each image's own figures (with `per_image`)."""
+
+    confusion: ConfusionMatrix
+    nll: float = 0.0
+    pixels: int = 0
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+
+
+def score_images(
+    predictor: Predictor, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int, ignore_index: int,
+    options: TilingOptions | None = None, loss: bool = False,
+    per_image: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None,
+) -> Scores:
+    """The one evaluation loop, of validation during training and of `seg eval`: each (name, image, mask)
+    through the tiled predictor, scored against its mask."""
+    scores = Scores(ConfusionMatrix(num_classes, ignore_index))
+    for name, image, mask in pairs:
+        result = predictor.predict(image, options, probabilities=loss, name=name)
+        pred = result.probabilities.argmax(0) if loss else result.mask
+        if loss:
+            valid = mask != ignore_index
+            picked = np.take_along_axis(result.probabilities, np.where(valid, mask, 0)[None], 0)[0][valid]
+            scores.nll -= float(np.log(np.maximum(picked, 1e-8)).sum())
+            scores.pixels += int(valid.sum())
+        if per_image is None:
+            scores.confusion.update(pred, mask)
+            continue
+        single = ConfusionMatrix(num_classes, ignore_index)
+        single.update(pred, mask)
+        scores.confusion.matrix += single.matrix
+        scores.per_image.append({"name": name, **per_image(pred, mask), **_image_figures(single)})
+    return scores
+
+
+def _image_figures(conf: ConfusionMatrix) -> dict[str, float]:
+    m = conf.compute()
+    return {"miou": m["miou"], "pixel_error": m["pixel_error"]}
+
+
+EM_TTA = "d4"  # what `tta="auto"` means on two-class EM data: it lowered the held-out pixel error (bench/README.md)
 
 
 def evaluate(
@@ -87,19 +131,11 @@ def evaluate(
 
     em = data_cfg.kind == "em" and info.num_classes == 2
     options = predictor.options.replace(tta=(EM_TTA if em else "none") if tta == "auto" else tta)
-    conf = ConfusionMatrix(info.num_classes, data_cfg.ignore_index)
-    per_image = []
     start = time.perf_counter()
-    for sample in samples:
-        image, mask = load_pair(sample, data_cfg)
-        pred = predictor.predict(image, options, name=str(sample.image)).mask
-        single = ConfusionMatrix(info.num_classes, data_cfg.ignore_index)
-        single.update(pred, mask)
-        conf.matrix += single.matrix
-        m = single.compute()
-        per_image.append({"name": sample.name, "miou": m["miou"], "pixel_error": m["pixel_error"]})
-        if em:
-            per_image[-1].update(em_metrics(pred, mask))
+    pairs = ((sample.name, *load_pair(sample, data_cfg)) for sample in samples)
+    figures = em_metrics if em else (lambda pred, mask: {})
+    scores = score_images(predictor, pairs, info.num_classes, data_cfg.ignore_index, options, per_image=figures)
+    conf, per_image = scores.confusion, scores.per_image
     metrics = conf.compute()
     if em:
         for key in ("rand_error", "vi", "vi_split", "vi_merge"):

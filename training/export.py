@@ -3,7 +3,7 @@
 The file takes `image` (N, C, H, W) float32 with any batch, height and width and returns `logits`
 (N, K, H, W) float32 (the model pads to its stride multiple inside and crops back). Everything a
 predictor needs travels in the file's metadata_props: key "seg" holds one JSON object, the model's
-`seg.modelinfo.ModelInfo`, and the main facts appear as readable single keys (arch, encoder, classes, ...;
+`seg.inference.modelinfo.ModelInfo`, and the main facts appear as readable single keys (arch, encoder, classes, ...;
 lists and mappings JSON-encoded).
 
 The file is written atomically, and only after the parity check passed: ONNX Runtime against PyTorch
@@ -24,8 +24,8 @@ import torch
 
 from seg import __version__
 from seg.errors import SegError
-from seg.imageio import atomic_path
-from seg.modelinfo import ModelInfo
+from seg.inference.modelinfo import ModelInfo
+from seg.io.images import atomic_path
 from training.checkpoint import checkpoint_name, load_checkpoint, model_from_checkpoint
 
 MIN_OPSET = 11  # dynamic Pad sizes
@@ -145,7 +145,7 @@ def check_parity(
     Sizes: (2, C, 4s, 5s) and (1, C, 3s + 7, 2s + 11) for stride s, the second not a stride multiple.
     float16 runs on CUDA when usable (ONNX Runtime's CPU provider lacks float16 kernels for most ops).
     """
-    from seg.runtime import create_session
+    from seg.inference.runtime import create_session
 
     name = name or str(path)
     c, s = info.in_channels, info.stride

@@ -20,7 +20,7 @@ import yaml
 
 from seg.config import Config, config_to_dict
 from seg.errors import ConfigError, SegError
-from seg.imageio import atomic_path
+from seg.io.images import atomic_path
 from training.callbacks import Callback
 
 if TYPE_CHECKING:

@@ -118,7 +118,7 @@ def _coco_images(root: Path, doc: dict) -> str:
 
 def _folder_classes(data: dict[str, Any]) -> tuple[list[str], str]:
     """Class names from the mask values of a folder data set, and how they were read."""
-    from seg.imageio import read_mask
+    from seg.io.images import read_mask
 
     root = Path(data["root"])
     values: set[int] = set()
@@ -140,9 +140,9 @@ def fingerprint(root: Path) -> Fingerprint:
     from scipy import ndimage
 
     from seg.config import validate_config
-    from seg.data import find_samples, load_pair
+    from seg.data.samples import find_samples, load_pair
     from seg.errors import ConfigError
-    from seg.imageio import read_image
+    from seg.io.images import read_image
 
     root = Path(root).resolve()
     data = detect(root)

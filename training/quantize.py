@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from seg.errors import DataError, SegError
-from seg.imageio import atomic_path, is_image_file, read_image, to_channels
-from seg.modelinfo import ModelInfo
-from seg.preprocess import normalize
-from seg.runtime import int8_variant
+from seg.inference.modelinfo import ModelInfo
+from seg.inference.preprocess import normalize
+from seg.inference.runtime import int8_variant
+from seg.io.headers import is_image_file
+from seg.io.images import atomic_path, read_image, to_channels
 
 CALIBRATION_IMAGES = 16
 TILES_PER_IMAGE = 2
@@ -62,7 +63,7 @@ def calibration_images(config, folder: Path | None, count: int) -> list[np.ndarr
         if not files:
             raise SegError(f"--calibration: no images in {folder}")
         return [read_image(files[i]) for i in _spaced(len(files), count)]
-    from seg.data import find_samples, load_pair
+    from seg.data.samples import find_samples, load_pair
 
     train, _ = find_samples(config.data)
     try:
@@ -135,7 +136,7 @@ def export_int8(
     import onnx
 
     from seg.config import load_config
-    from seg.runtime import create_session, read_model_info
+    from seg.inference.runtime import create_session, read_model_info
     from training.evaluate import evaluate
     from training.export import set_metadata
 

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from seg.config import DataConfig
-from seg.data import Sample, load_pair
-from seg.imageio import atomic_path, colorize, overlay, to_display_rgb
+from seg.data.samples import Sample, load_pair
+from seg.io.images import atomic_path, colorize, overlay, to_display_rgb
 
 
 def plot_metrics(history: list[dict[str, Any]], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""PyTorch behind the one predictor: `seg.predictor.Predictor`s of checkpoints and of live models.
+"""PyTorch behind the one predictor: `seg.inference.predictor.Predictor`s of checkpoints and of live models.
 
 Training's validation and overlays and `seg eval` of checkpoints predict through these, so a checkpoint
 and its ONNX export are normalised, tiled and blended by the same code.
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg.modelinfo import ModelInfo
-from seg.predictor import Predictor
-from seg.tiling import Runner, TilingOptions
+from seg.inference.modelinfo import ModelInfo
+from seg.inference.predictor import Predictor
+from seg.inference.tiling import Runner, TilingOptions
 from training.checkpoint import checkpoint_name, load_checkpoint, model_from_checkpoint
 
 
@@ -50,7 +50,7 @@ def checkpoint_predictor(path: str | Path, device: str = "auto", options: Tiling
     Raises:
         SegError: unreadable checkpoint, or CUDA asked for but not usable.
     """
-    from training.train import pick_device
+    from training.device import pick_device
 
     ckpt = load_checkpoint(path)
     dev = pick_device(device)

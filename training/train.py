@@ -27,149 +27,25 @@ import torch
 import yaml
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from seg.config import Config, config_to_dict
-from seg.data import check_samples, find_samples
 from seg.errors import SegError
-from seg.imageio import atomic_path
-from seg.metrics import ConfusionMatrix, metrics_from_confusion
-from seg.models import build_model
-from seg.progress import Progress
-from seg.predictor import Predictor
+from seg.inference.predictor import Predictor
+from seg.io.images import atomic_path
+from seg.jobs.progress import Progress
+from seg.metrics import metrics_from_confusion
 from training.callbacks import EMA, Callback, Checkpoint, EarlyStopping, MetricsCSV
 from training.checkpoint import load_checkpoint, model_info, model_state, rng_state, save_checkpoint, set_rng_state
-from training.data import SegmentationDataset, build_augmentation
-from training.distributed import Dist, sync_batchnorm
+from training.device import amp_dtype, pick_device
+from training.distributed import Dist
+from training.evaluate import score_images
 from training.loggers import build_loggers
 from training.losses import build_loss
+from training.schedule import Meter, SeededSampler, SeededSamples, build_optimizer, lr_factor
+from training.setup import build_model_on, check_names, load_data, plan_length
 
 HIGHER_IS_BETTER = {"miou": True, "dice": True, "pixel_accuracy": True, "loss": False}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SegError("train.device is cuda but no CUDA GPU is usable")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision only on CUDA: bf16 where supported, else fp16."""
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-
-def lr_factor(cfg: Config, progress: float, epoch_float: float) -> float:
-    """The learning-rate multiplier at `progress` in [0, 1] of the run (by steps, or by time with a budget)."""
-    t = cfg.train
-    if t.warmup_epochs and epoch_float < t.warmup_epochs:
-        return (epoch_float + 1e-3) / t.warmup_epochs
-    progress = min(max(progress, 0.0), 1.0)
-    if t.scheduler == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if t.scheduler == "poly":
-        return (1 - progress) ** 0.9
-    return 1.0
-
-
-# A validation pixel costs about 2/3 of a training pixel: a forward pass is about a third of forward and
-# backward, and tiles with 0.25 overlap (and a mirrored margin) see each pixel about twice. Validations
-# at least VAL_COST x (validation pixels) / (training pixels a step) steps apart cost at most a tenth of
-# the training between them (9 x 2/3 = 6).
-VAL_COST = 6
-
-
-def validation_interval(cfg: Config, steps_per_epoch: int, total_steps: int, val_pixels: int = 0, world: int = 1) -> int:
-    """Optimiser steps between validations: `val_every_steps`, `val_every` epochs, or by default
-    max(1 epoch, min(200 steps, a tenth of the run)), and never so often that validation would cost more
-    than about a tenth of the training time (`VAL_COST`)."""
-    t = cfg.train
-    if t.val_every_steps:
-        return t.val_every_steps
-    if t.val_every:
-        return t.val_every * steps_per_epoch
-    per_step = t.batch_size * t.accumulate * world * cfg.data.crop_size**2
-    return max(steps_per_epoch, min(200, total_steps // 10), math.ceil(VAL_COST * val_pixels / per_step))
-
-
-class SeededSampler(Sampler):
-    """This process's training samples from optimiser step `start` on, as (index, seed) pairs.
-
-    A step takes `batch * accumulate * world` samples of epoch e's order (reshuffled passes over the data),
-    each with an augmentation seed, both drawn from (seed, e): so the same step sees the same crops whether
-    or not the run was resumed in between. Of each batch of `batch * world`, rank r takes the r-th `batch`,
-    so N ranks together see what one process with N times the batch sees.
-    """
-
-    def __init__(self, size: int, batch: int, accumulate: int, steps_per_epoch: int, total_steps: int, seed: int,
-                 start: int = 0, rank: int = 0, world: int = 1):  # fmt: skip
-        self.size, self.batch, self.accumulate, self.steps_per_epoch = size, batch, accumulate, steps_per_epoch
-        self.total_steps, self.seed, self.start = total_steps, seed % 2**32, start
-        self.rank, self.world = rank, world
-
-    def __len__(self) -> int:
-        return max(self.total_steps - self.start, 0) * self.batch * self.accumulate
-
-    def __iter__(self):
-        per_step = self.batch * self.accumulate * self.world
-        epoch, count = -1, self.steps_per_epoch * per_step
-        for step in range(self.start, self.total_steps):
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
-                rng = np.random.default_rng([self.seed, epoch])
-                order = np.concatenate([rng.permutation(self.size) for _ in range(-(-count // self.size))])
-                seeds = rng.integers(0, 2**32, count)
-            for micro in range(self.accumulate):
-                first = step % self.steps_per_epoch * per_step + (micro * self.world + self.rank) * self.batch
-                for i in range(first, first + self.batch):
-                    yield int(order[i]), int(seeds[i])
-
-
-class SeededSamples(Dataset):
-    """`dataset[index]` with its augmentation seeded first; items are `SeededSampler`'s (index, seed) pairs,
-    so loader processes need no seeding of their own."""
-
-    def __init__(self, dataset: SegmentationDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        if self.dataset.transform is not None:
-            self.dataset.transform.set_random_seed(seed)
-        return self.dataset[index]
-
-
-class Meter:
-    """Training loss, images and seconds summed since the last `take`."""
-
-    def __init__(self):
-        self.loss, self.steps, self.images, self.seconds = 0.0, 0, 0, 0.0
-
-    def add(self, loss: float, images: int, seconds: float) -> None:
-        self.loss, self.steps = self.loss + loss, self.steps + 1
-        self.images, self.seconds = self.images + images, self.seconds + seconds
-
-    def take(self) -> tuple[float, float]:
-        """(mean loss, images/s), and start over."""
-        figures = self.loss / max(self.steps, 1), self.images / max(self.seconds, 1e-9)
-        self.__init__()
-        return figures
 
 
 class Trainer:
@@ -180,6 +56,7 @@ class Trainer:
     def __init__(
         self, cfg: Config, resume: bool = False, console: Console | None = None, callbacks: list[Callback] | None = None
     ):
+        check_names(cfg)
         self.cfg = cfg
         self.dist = Dist()
         self.console = console or Console(stderr=True)
@@ -197,32 +74,19 @@ class Trainer:
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else self.device.type == "cuda"
 
-        data = cfg.data
-        self.train_samples, self.val_samples = find_samples(data)
-        self.log(f"data: {len(self.train_samples)} training and {len(self.val_samples)} validation images; checking them")
-        cache = check_samples(self.train_samples + self.val_samples, data)
-        self.augment = build_augmentation(data, cfg.train.seed)
-        self.train_set = SegmentationDataset(self.train_samples, data, self.augment, cache, cfg.train.border_weight)
-        self.val_set = SegmentationDataset(self.val_samples, data, None, cache)
-
-        torch.manual_seed(cfg.train.seed)
-        self.model_kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.model_kwargs().items()}
-        self.model = sync_batchnorm(build_model(**self.model_kwargs), self.device, self.dist).to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_samples, self.val_samples, self.train_set, self.val_set = load_data(cfg, self.log)
+        self.augment = self.train_set.transform
+        self.model_kwargs, self.model = build_model_on(cfg, self.device, self.dist, self.channels_last)
         self.train_model = self.dist.wrap(self.model, self.device)  # `model` itself stays unwrapped
+        data = cfg.data
         self.loss_fn = build_loss(
             cfg.train.loss, data.ignore_index, cfg.train.class_weights, data.classes, self.train_set.masks(), self.log
         )
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         t = cfg.train
-        per_step = t.batch_size * t.accumulate * self.dist.world
-        self.steps_per_epoch = t.steps_per_epoch or max(1, len(self.train_set) // per_step)
-        self.total_steps = t.steps or t.epochs * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps, self.val_interval = plan_length(cfg, self.train_set, self.val_set, self.dist.world)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        val_pixels = sum(self.val_set.load(i)[1].size for i in range(len(self.val_set)))
-        self.val_interval = validation_interval(cfg, self.steps_per_epoch, self.total_steps, val_pixels, self.dist.world)
         self.step = 0  # optimiser steps done
         self.elapsed = 0.0  # seconds spent in training steps
         self.best: float | None = None
@@ -402,19 +266,11 @@ class Trainer:
         self.dist.share_weights(self.eval_model)  # e.g. BatchNorm statistics, which each rank keeps
         self.eval_model.eval()
         data = self.cfg.data
-        conf = ConfusionMatrix(data.num_classes, data.ignore_index)
-        predictor = self.predictor()
-        nll, pixels = 0.0, 0
-        for i in range(self.dist.rank, len(self.val_set), self.dist.world):  # each rank its share
-            image, target = self.val_set.load(i)
-            probs = predictor.predict(image, probabilities=True).probabilities
-            conf.update(probs.argmax(0), target)
-            valid = target != data.ignore_index
-            picked = np.take_along_axis(probs, np.where(valid, target, 0)[None], 0)[0][valid]
-            nll -= float(np.log(np.maximum(picked, 1e-8)).sum())
-            pixels += int(valid.sum())
-        result = metrics_from_confusion(self.dist.sum(conf.matrix))
-        nll, pixels = map(float, self.dist.sum(np.array([nll, pixels], np.float64)))
+        share = range(self.dist.rank, len(self.val_set), self.dist.world)  # each rank its share
+        pairs = ((self.val_samples[i].name, *self.val_set.load(i)) for i in share)
+        scores = score_images(self.predictor(), pairs, data.num_classes, data.ignore_index, loss=True)
+        result = metrics_from_confusion(self.dist.sum(scores.confusion.matrix))
+        nll, pixels = map(float, self.dist.sum(np.array([scores.nll, scores.pixels], np.float64)))
         out = {"val_loss": nll / max(pixels, 1), "val_miou": result["miou"], "val_dice": result["dice"],
                "val_pixel_accuracy": result["pixel_accuracy"], "val_pixel_error": result["pixel_error"]}
         for name, iou, dice in zip(data.classes, result["iou"], result["dice_per_class"]):

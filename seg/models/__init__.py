@@ -112,7 +112,7 @@ def build_model(
         options: passed to the architecture (for U-Net: decoder_channels, encoder_depth, ...).
     """
     if arch not in ARCHS:
-        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(sorted(ARCHS))}")
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; one of {', '.join(sorted(ARCHS))}")
     try:
         net = ARCHS[arch](encoder=encoder, classes=classes, in_channels=in_channels, **options)
     except (KeyError, TypeError, ValueError) as err:

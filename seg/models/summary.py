@@ -1,4 +1,4 @@
-"""Model size and cost: parameters and multiply-adds (MACs), for `seg models` and the README table."""
+"""Model size and cost: parameters and multiply-adds (MACs), for `seg models` and the table in docs/models.md."""
 
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from seg.errors import SegError
-from seg.imageio import TIFF_SUFFIXES, atomic_path
-from seg.sources import png_size
-from seg.tiling import round_up
+from seg.io.headers import TIFF_SUFFIXES
+from seg.io.headers import png_size
+from seg.io.images import atomic_path
+from seg.io.sources import round_up
 
 WRITE_TILE = 256  # tile side of the TIFFs we write
 

@@ -8,26 +8,31 @@ decoded bytes per pixel of a file or upload from its header alone; `image_size` 
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from seg.errors import ImageError
-from seg.imageio import PIL_FORMATS, TIFF_MAGIC, exif_orientation, is_tiff, orient, read_image, unsupported_format
-from seg.tiff import check_tiff_chunks, stack_message, tiff_colours, tiff_layout
-from seg.preprocess import sample_step
-from seg.tiling import round_up
+from seg.io.headers import check_plausible_size, exif_orientation, is_tiff
+from seg.io.images import orient, read_image
+from seg.io.tiff import check_tiff_chunks, stack_message, tiff_colours, tiff_layout
 
 SAMPLE_PIXELS = 4_000_000  # pixels read for percentile normalisation and display ranges
 LARGE_PIXELS = 64_000_000  # beyond this, a TIFF's percentile sample comes from 32 bands, not a full pass
 MAX_CHUNK_ROWS = 2048  # a TIFF stored in taller compressed chunks is decoded whole (see TiffSource)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def sample_step(height: int, width: int, max_pixels: int = 4_000_000) -> int:
+    """The row and column step of a percentile sample of about `max_pixels` pixels (every predictor and
+    training take their samples with it, so a checkpoint and its export normalise an image alike)."""
+    return max(1, int(np.ceil(np.sqrt(height * width / max_pixels))))
 
 
 class ImageSource:
@@ -90,8 +95,8 @@ class TiffSource(ImageSource):
 
     A compressed TIFF in chunks taller than `MAX_CHUNK_ROWS` rows (e.g. one compressed strip) cannot be read
     by bands without decoding each chunk again for every band, so its slice is decoded whole once.
-    Layouts by `seg.tiff.tiff_layout`: a stack has `slices` slices (pages, unless the file says they are
-    channels), read one at a time (`select`); colours by `seg.tiff.tiff_colours`, per band.
+    Layouts by `seg.io.tiff.tiff_layout`: a stack has `slices` slices (pages, unless the file says they are
+    channels), read one at a time (`select`); colours by `seg.io.tiff.tiff_colours`, per band.
     """
 
     def __init__(self, path: Path):
@@ -209,7 +214,7 @@ def open_image(path: str | Path) -> ImageSource:
     """An `ImageSource` for a file: TIFFs by bands, other formats decoded whole.
 
     Raises:
-        ImageError: missing, unreadable or unsupported file, or a TIFF stack (see `Predictor.predict_stack`).
+        ImageError: missing, unreadable or unsupported file, or a TIFF stack (`Predictor.predict_file` segments stacks slice by slice).
     """
     path = Path(path)
     if not path.is_file():
@@ -223,136 +228,6 @@ def open_image(path: str | Path) -> ImageSource:
     return ArraySource(_read_whole(path), str(path))
 
 
-def stack_size(path: str | Path) -> int:
-    """Slices in a TIFF stack (see `seg.tiff.TiffLayout`); 1 for one image and for anything unreadable."""
-    import tifffile
-
-    try:
-        if is_tiff(path):
-            with tifffile.TiffFile(path) as tif:
-                return tiff_layout(tif.series[0].shape, tif.series[0].axes).slices
-    except Exception:  # unreadable: the prediction will report it
-        pass
-    return 1
-
-
-@dataclass(frozen=True)
-class HeaderShape:
-    """An image's size as stored (before EXIF orientation), its channels, and its bytes per pixel once decoded."""
-
-    height: int
-    width: int
-    channels: int
-    bytes_per_pixel: int
-
-
-def header_shape(file: str | Path | bytes, name: str = "image") -> HeaderShape:
-    """What a file's header (or an upload's) says about its image, without decoding any pixel.
-
-    TIFF layouts by `seg.tiff.tiff_layout`, as the readers take them (a slice of a stack); other formats
-    by Pillow, with its decompression-bomb warning silenced (`Image.DecompressionBombError` passes through:
-    over twice `Image.MAX_IMAGE_PIXELS`).
-
-    Raises:
-        ImageError: empty, unsupported or unreadable (messages without reprs or paths beyond `name`).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    data = file if isinstance(file, bytes) else None
-    opened: Any = io.BytesIO(data) if data is not None else Path(file)
-    head = data[:4] if data is not None else _head(opened, 4)
-    if not head:
-        raise ImageError(f"{name}: empty file")
-    if head in TIFF_MAGIC:
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(opened) as tif:
-                if not tif.series:
-                    raise ImageError(f"{name}: TIFF file without an image")
-                series = tif.series[0]
-                shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
-                palette = int(series.keyframe.photometric) == 3
-        except ImageError:
-            raise
-        except Exception as err:  # tifffile raises many types for broken files
-            raise ImageError(f"{name}: cannot read TIFF{reason(err)}") from None
-        try:
-            height, width, channels = tiff_layout(shape, axes).image_shape
-        except ImageError as err:
-            raise ImageError(f"{name}: {err}") from None
-        if palette:  # indices become 8-bit RGB colours
-            return HeaderShape(height, width, 3, 3)
-        return HeaderShape(height, width, channels, channels * dtype.itemsize)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(opened, formats=PIL_FORMATS) as im:
-                return HeaderShape(im.height, im.width, len(im.getbands()), pixel_bytes(im.mode))
-    except Image.DecompressionBombError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: {unsupported_format(data if data is not None else opened)}") from None
-    except Exception as err:  # Pillow raises many types for broken headers
-        raise ImageError(f"{name}: not a readable image{reason(err)}") from None
-
-
-def _head(path: Path, size: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(size)
-    except OSError as err:
-        raise ImageError(f"{path}: cannot read ({err.strerror or err})") from None
-
-
-def pixel_bytes(mode: str) -> int:
-    """Bytes per pixel of a Pillow image of `mode` once decoded by seg.imageio (palette and LA become RGB(A))."""
-    from PIL import ImageMode
-
-    if mode in ("P", "PA", "LA"):
-        return 4
-    described = ImageMode.getmode(mode)
-    return len(described.bands) * np.dtype(described.typestr).itemsize
-
-
-def reason(err: Exception) -> str:
-    """' (message)' of a decoder's error when it reads as plain words, else '' (no reprs, paths or addresses)."""
-    text = str(err).strip()
-    if not text or type(err) in (IndexError, KeyError, TypeError, AttributeError) or any(
-        mark in text for mark in ("<", ">", "0x", "/", "\\", "\n")
-    ):
-        return ""
-    return f" ({text[:200]})"
-
-
-def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(height, width) from the file's header without decoding it, as the image is shown (EXIF orientation;
-    a slice of a stack); None when unknown or unreadable. Past Pillow's decompression-bomb limit, which it
-    refuses to open, a PNG's, JPEG's or BMP's size is read from its first bytes (`_header_size`)."""
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        try:
-            shape = header_shape(path, str(path))
-            size: tuple[int, int] | None = (shape.height, shape.width)
-        except Image.DecompressionBombError:
-            size = _header_size(_head(path, 1 << 16))[1]
-        if size is None:
-            return None
-        return size[::-1] if exif_orientation(path) in (5, 6, 7, 8) else size
-    except Exception:  # unreadable: the prediction will report it
-        return None
-
-
-def png_size(head: bytes) -> tuple[int, int] | None:
-    """(height, width) from a PNG's first 24 bytes (signature and IHDR); None for anything else."""
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    width, height = struct.unpack(">II", head[16:24])
-    return height, width
-
-
 def _read_whole(path: Path) -> np.ndarray:
     """Pillow for ordinary images; imagecodecs past Pillow's decompression-bomb limit (local files only)."""
     from PIL import Image
@@ -363,7 +238,7 @@ def _read_whole(path: Path) -> np.ndarray:
             return read_image(path)
     except Image.DecompressionBombError:
         pass
-    _check_plausible_size(path)
+    check_plausible_size(path)
     import imagecodecs
 
     try:
@@ -375,40 +250,3 @@ def _read_whole(path: Path) -> np.ndarray:
     return orient(image, exif_orientation(path))  # as Pillow's path turns it
 
 
-# The most pixels one byte of a file can hold: deflate expands at most 1032:1 (x 8 pixels for 1-bit PNG);
-# a JPEG spends at least 2 bits on each 8 x 8 block; BMP (RLE8) about 128:1.
-PIXELS_PER_BYTE = {"png": 8 * 1032, "jpeg": 256, "bmp": 128}
-
-
-def _check_plausible_size(path: Path) -> None:
-    """ImageError when the header claims more pixels than the file's bytes can hold (a corrupt header
-    would otherwise have a huge image allocated and predicted)."""
-    kind, size = _header_size(_head(path, 1 << 16))
-    if size is None:
-        return
-    nbytes = os.path.getsize(path)
-    if size[0] * size[1] > PIXELS_PER_BYTE[kind] * nbytes:
-        raise ImageError(
-            f"{path}: its header says {size[1]} x {size[0]} pixels, more than its {nbytes} bytes can hold "
-            "(a corrupt or truncated file)"
-        )
-
-
-def _header_size(head: bytes) -> tuple[str, tuple[int, int] | None]:
-    """(format, (height, width)) from the first bytes of a PNG, JPEG or BMP; (format, None) when unknown."""
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png", png_size(head)
-    if head[:2] == b"BM" and len(head) >= 26:
-        core = struct.unpack("<I", head[14:18])[0] == 12  # OS/2 1.x header: 16-bit sides
-        width, height = struct.unpack("<HH", head[18:22]) if core else struct.unpack("<ii", head[18:26])
-        return "bmp", (abs(height), abs(width))
-    if head[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 <= len(head) and head[i] == 0xFF:
-            marker = head[i + 1]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
-                height, width = struct.unpack(">HH", head[i + 5 : i + 9])
-                return "jpeg", (height, width)
-            i += 2 + struct.unpack(">H", head[i + 2 : i + 4])[0]
-        return "jpeg", None
-    return "", None

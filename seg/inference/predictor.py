@@ -4,9 +4,9 @@ Every caller (the `seg predict` command, the service, `seg eval`, training's val
 through `Predictor`, whatever runs the network: `Predictor.from_onnx` for an exported model (ONNX Runtime),
 `training.torch_runner` for a checkpoint or a live PyTorch model. The data path:
 
-    file -> seg.sources.ImageSource (row bands in the image's own dtype) -> to_channels + normalize (per band)
-         -> seg.tiling.predict_tiled (tiles, batches, the runner, Gaussian blending; finished row bands)
-         -> argmax / confidence per band -> seg.writers (tiled TIFF or PNG, written as rows arrive)
+    file -> seg.io.sources.ImageSource (row bands in the image's own dtype) -> to_channels + normalize (per band)
+         -> seg.inference.tiling.predict_tiled (tiles, batches, the runner, Gaussian blending; finished row bands)
+         -> argmax / confidence per band -> seg.io.writers (tiled TIFF or PNG, written as rows arrive)
 
 Memory: `predict_file` holds about one tile row of the image and of the probabilities at a time, so its
 peak does not grow with the image's area for TIFFs (striped, tiled or uncompressed). PNG, JPEG and BMP
@@ -28,15 +28,16 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from seg.errors import ImageError, SegError
-from seg.imageio import display_range, is_tiff, overlay, to_channels, to_display_rgb
-from seg.modelinfo import ModelInfo
-from seg.preprocess import effective_mode, intensity_range, normalize
-from seg.runtime import (
+from seg.inference.modelinfo import ModelInfo
+from seg.inference.preprocess import effective_mode, intensity_range, normalize
+from seg.io.headers import TIFF_SUFFIXES, stack_size
+from seg.io.images import display_range, overlay, to_channels, to_display_rgb
+from seg.inference.runtime import (
     CUDA, choose_model, create_session, describe_provider, gpu_batch_size, onnx_runner, read_model_info,
 )  # fmt: skip
-from seg.sources import ArraySource, ImageSource, TiffSource, open_image
-from seg.tiling import Runner, TilingOptions, predict_tiled, tile_grid
-from seg.writers import band_writer, page_writer
+from seg.inference.tiling import Runner, TilingOptions, predict_tiled, tile_grid
+from seg.io.sources import ArraySource, ImageSource, TiffSource, open_image
+from seg.io.writers import band_writer, page_writer
 
 BLOCK = 2048  # column block for pointwise work on wide bands
 
@@ -140,7 +141,7 @@ class Predictor:
         on_tiles: Callable[[int], None] | None = None,
         check: Callable[[], None] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Finished (y0, probabilities (K, rows, width)) bands, top to bottom; see `seg.tiling.predict_tiled`.
+        """Finished (y0, probabilities (K, rows, width)) bands, top to bottom; see `seg.inference.tiling.predict_tiled`.
 
         Args:
             read_rows: returns normalised rows [y0, y1) as (C, rows, width) float32.
@@ -212,7 +213,8 @@ class Predictor:
         on_tiles: Callable[[int], None] | None = None,
         check: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Segment an image file band by band and write the results as the bands are finished.
+        """Segment an image file band by band and write the results as the bands are finished; a TIFF
+        stack slice by slice, into multi-page TIFFs with one page per slice (its outputs must be .tif).
 
         Each output is written atomically (a temporary file renamed when complete); the mask is renamed
         last, so an existing mask means a finished prediction.
@@ -236,79 +238,38 @@ class Predictor:
         start = time.perf_counter()
         options = options or self.options
         k, palette = self.info.num_classes, self.info.palette
-        targets = {  # kind: (path, dtype, values per pixel); the mask first, so it is renamed last
-            "mask": (out_path, self.mask_dtype, 1),
-            "probabilities": (probabilities_path, np.float32, k),
-            "confidence": (confidence_path, np.float32, 1),
-            "overlay": (overlay_path, np.uint8, 3),
-        }
-        targets = {kind: spec for kind, spec in targets.items() if spec[0]}
+        targets = _targets(out_path, probabilities_path, confidence_path, overlay_path)
+        slices = stack_size(path)
+        if slices > 1:
+            named = [str(target) for target in targets.values() if target.suffix.lower() not in TIFF_SUFFIXES]
+            if named:
+                raise ImageError(f"{path}: a stack of {slices} slices, segmented into multi-page TIFFs; name {named[0]} .tif")
+            return self._predict_stack(Path(path), targets, options, on_tiles, check, start)
+        shapes = {"mask": (self.mask_dtype, 1), "probabilities": (np.float32, k), "confidence": (np.float32, 1), "overlay": (np.uint8, 3)}
         with open_image(path) as source, ExitStack() as stack:
             self._check_channels(source)
             height, width = source.height, source.width
             writers = {
                 kind: stack.enter_context(
-                    band_writer(target, height, width, dtype, samples, palette=palette if kind == "mask" else None)
-                )
-                for kind, (target, dtype, samples) in targets.items()
+                    band_writer(target, height, width, *shapes[kind], palette=palette if kind == "mask" else None)
+                ).write
+                for kind, target in targets.items()
             }
             display = display_range(source.sample()) if "overlay" in writers else None
             counts = np.zeros(k, dtype=np.int64)
             for y0, p in self.bands(self._row_reader(source), height, width, options, on_tiles, check):
-                mask = self._argmax(p)
-                counts += np.bincount(mask.ravel(), minlength=k)[:k]
-                writers["mask"].write(mask)
-                if "probabilities" in writers:
-                    writers["probabilities"].write(p.transpose(1, 2, 0))
-                if "confidence" in writers:
-                    writers["confidence"].write(p.max(0))
-                if display is not None:
-                    rgb = to_display_rgb(source.read(y0, y0 + p.shape[1]), display)
-                    writers["overlay"].write(overlay(rgb, mask, palette))
-        return {
-            "height": height,
-            "width": width,
-            "channels": source.channels,
-            "dtype": str(source.dtype),
-            "tiles": self.tile_count(height, width, options),
-            "seconds": round(time.perf_counter() - start, 3),
-            "pixels_per_class": {name: int(n) for name, n in zip(self.info.classes, counts)},
-            "outputs": {kind: str(target) for kind, (target, _, _) in targets.items()},
-        }
+                rows = (lambda: to_display_rgb(source.read(y0, y0 + p.shape[1]), display)) if display is not None else None
+                self._write(writers, counts, self._argmax(p), p, p.max(0) if "confidence" in writers else None, rows)
+        return self._summary(source, options, start, counts, targets)
 
-    def predict_stack(
-        self,
-        path: str | Path,
-        out_path: str | Path,
-        options: TilingOptions | None = None,
-        probabilities_path: str | Path | None = None,
-        confidence_path: str | Path | None = None,
-        overlay_path: str | Path | None = None,
-        on_tiles: Callable[[int], None] | None = None,
-        check: Callable[[], None] | None = None,
-    ) -> dict[str, Any]:
-        """Segment a TIFF stack slice by slice into multi-page TIFFs, one page per slice.
-
-        Slices are read one at a time (pages, unless the file says they are channels: see
-        `seg.tiff.TiffLayout`) and segmented as images of their own; memory holds about one slice.
-        Outputs as `predict_file`, each a zlib-compressed multi-page TIFF whatever its suffix says: the
-        mask (H, W) pages, probabilities (H, W, K), confidence (H, W), overlay (H, W, 3).
-
-        Returns:
-            A summary as `predict_file`'s, with `slices`; pixels per class are summed over the slices.
-
-        Raises:
-            ImageError: the file cannot be read, is not a TIFF or does not fit the model.
-        """
-        start = time.perf_counter()
-        path = Path(path)
-        if not path.is_file():
-            raise ImageError(f"{path}: no such file")
-        if not is_tiff(path):
-            raise ImageError(f"{path}: not a TIFF; stacks are multi-page TIFFs")
-        targets = {"mask": out_path, "probabilities": probabilities_path, "confidence": confidence_path, "overlay": overlay_path}
-        targets = {kind: Path(target) for kind, target in targets.items() if target}  # the mask first: renamed last
-        options = options or self.options
+    def _predict_stack(
+        self, path: Path, targets: dict[str, Path], options: TilingOptions, on_tiles: Callable[[int], None] | None,
+        check: Callable[[], None] | None, start: float,
+    ) -> dict[str, Any]:  # fmt: skip
+        """`predict_file` of a TIFF stack: slice by slice (pages, unless the file says they are channels: see
+        `seg.io.tiff.TiffLayout`), each segmented as an image of its own, into zlib-compressed multi-page
+        TIFFs (one page per slice); memory holds about one slice. The summary has `slices`, and pixels per
+        class summed over them."""
         k = self.info.num_classes
         with TiffSource(path) as source, ExitStack() as stack:
             self._check_channels(source)
@@ -319,32 +280,43 @@ class Predictor:
             for number in range(source.slices):
                 source.select(number)
                 image = source.read(0, source.height)
-                name = f"{path} (slice {number})"
                 result = self.predict(
                     image, options, probabilities="probabilities" in writers, confidence="confidence" in writers,
-                    on_tiles=on_tiles, name=name, check=check,
+                    on_tiles=on_tiles, name=f"{path} (slice {number})", check=check,
                 )  # fmt: skip
-                counts += np.bincount(result.mask.ravel(), minlength=k)[:k]
-                writers["mask"](result.mask)
-                if "probabilities" in writers:
-                    writers["probabilities"](result.probabilities.transpose(1, 2, 0))
-                if "confidence" in writers:
-                    writers["confidence"](result.confidence)
-                if "overlay" in writers:
-                    writers["overlay"](overlay(image, result.mask, self.info.palette))
+                self._write(writers, counts, result.mask, result.probabilities, result.confidence, lambda: image)
+        return self._summary(source, options, start, counts, targets, slices=source.slices)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _write(
+        self, writers: dict[str, Callable[[np.ndarray], None]], counts: np.ndarray, mask: np.ndarray,
+        probs: np.ndarray | None, confidence: np.ndarray | None, image: Callable[[], np.ndarray] | None,
+    ) -> None:  # fmt: skip
+        """One band of an image, or one slice of a stack, into every output asked for; counts its classes."""
+        counts += np.bincount(mask.ravel(), minlength=len(counts))[: len(counts)]
+        writers["mask"](mask)
+        if "probabilities" in writers:
+            writers["probabilities"](probs.transpose(1, 2, 0))
+        if "confidence" in writers:
+            writers["confidence"](confidence)
+        if "overlay" in writers:
+            writers["overlay"](overlay(image(), mask, self.info.palette))
+
+    def _summary(self, source: "ImageSource", options: TilingOptions, start: float, counts: np.ndarray,
+                 targets: dict[str, Path], slices: int = 0) -> dict[str, Any]:  # fmt: skip
+        """What `predict_file` and `predict_stack` return."""
         return {
             "height": source.height,
             "width": source.width,
-            "slices": source.slices,
+            **({"slices": slices} if slices else {}),
             "channels": source.channels,
             "dtype": str(source.dtype),
-            "tiles": self.tile_count(source.height, source.width, options) * source.slices,
+            "tiles": self.tile_count(source.height, source.width, options) * max(slices, 1),
             "seconds": round(time.perf_counter() - start, 3),
             "pixels_per_class": {name: int(n) for name, n in zip(self.info.classes, counts)},
             "outputs": {kind: str(target) for kind, target in targets.items()},
         }
 
-    # -- helpers -------------------------------------------------------------------------------------
     def _argmax(self, probs: np.ndarray) -> np.ndarray:
         """(K, rows, W) -> (rows, W) class indices; ties go to the lower class, as with argmax.
 
@@ -382,3 +354,10 @@ class Predictor:
             return out
 
         return read_rows
+
+
+def _targets(mask: str | Path, probabilities: str | Path | None, confidence: str | Path | None,
+             overlay: str | Path | None) -> dict[str, Path]:  # fmt: skip
+    """The outputs asked for, by kind; the mask first, so that it is renamed last."""
+    given = {"mask": mask, "probabilities": probabilities, "confidence": confidence, "overlay": overlay}
+    return {kind: Path(target) for kind, target in given.items() if target}

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from seg.errors import SegError
+from seg.io.sources import round_up
 
 RowReader = Callable[[int, int], np.ndarray]
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -127,10 +128,6 @@ def blend_weights(height: int, width: int, mode: str = "gaussian", sigma_scale: 
     w = np.outer(bell(height), bell(width))
     w /= w.max()
     return np.maximum(w, 1e-4).astype(np.float32)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def reflect_index(index: np.ndarray, length: int) -> np.ndarray:

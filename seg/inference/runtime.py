@@ -19,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from seg.errors import SegError
-from seg.modelinfo import ModelInfo
+from seg.inference.modelinfo import ModelInfo
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "int8")
-BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "model.onnx"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "model.onnx"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 

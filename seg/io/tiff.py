@@ -1,7 +1,7 @@
 """TIFF layouts and colours: which axes of a TIFF are slices, rows, columns and channels, how stored values
 become the colours a TIFF shows (photometric interpretation), and reading a TIFF's one image whole.
 
-`seg.imageio` reads TIFF files and uploads through `read_tiff`; `seg.sources.TiffSource` reads them by row
+`seg.io.images` reads TIFF files and uploads through `read_tiff`; `seg.io.sources.TiffSource` reads them by row
 bands with the same layout (`tiff_layout`), colours (`tiff_colours`) and checks (`check_tiff_chunks`).
 """
 

@@ -1,10 +1,10 @@
 """`seg predict --ray`: a batch's predictions on Ray Data, one `Predictor` per actor.
 
-`seg.batch.run_batch` plans the job as without Ray (inputs, output names, what a rerun skips) and writes
+`seg.jobs.batch.run_batch` plans the job as without Ray (inputs, output names, what a rerun skips) and writes
 the summary; only the images to predict go to Ray, one row each, and come back as the same summary
 entries, in whatever order they finish. Each actor builds its own ONNX Runtime session (sessions do not
 pickle) with as many threads as the CPUs it holds, or one GPU on CUDA, and predicts each image with
-`Predictor.predict_file`/`predict_stack`: a huge TIFF is one row that its actor reads band by band.
+`Predictor.predict_file` (a stack slice by slice): a huge TIFF is one row that its actor reads band by band.
 Inputs, the model and outputs must be on a file system that every node sees.
 
 With no address (and no RAY_ADDRESS) a local Ray starts inside the process and stops at the end;
@@ -22,12 +22,13 @@ from typing import Any, Iterator
 from rich.console import Console
 
 from seg.errors import SegError
-from seg.predictor import Predictor
-from seg.tiling import TilingOptions
+from seg.inference.predictor import Predictor
+from seg.inference.tiling import TilingOptions
+from seg.jobs.job import Job, run_job
 
 
 class _Quiet:
-    """What `seg.batch._run_job` needs of a progress display, inside an actor: nothing."""
+    """What `seg.jobs.job.run_job` needs of a progress display, inside an actor: nothing."""
 
     live = False
 
@@ -43,12 +44,10 @@ class PredictActor:
         self.options = TilingOptions(**options)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from seg.batch import Job, _run_job
-
         spec = json.loads(row["job"])
         job = Job(Path(spec["source"]), Path(spec["relative"]), {k: Path(v) for k, v in spec["outputs"].items()},
                   slices=spec["slices"])  # fmt: skip
-        entry = _run_job(self.predictor, self.options, job, False, json.loads(row["made_with"]), {}, _Quiet())
+        entry = run_job(self.predictor, self.options, job, False, json.loads(row["made_with"]), {}, _Quiet())
         return {"index": row["index"], "entry": json.dumps(entry)}
 
 

@@ -16,6 +16,8 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from seg.io.sources import sample_step
+
 
 class Normalization(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,11 +42,6 @@ def effective_mode(norm: Normalization, dtype: np.dtype) -> str:
         return norm.mode
     return "fixed" if np.dtype(dtype).itemsize == 1 else "percentile"
 
-
-def sample_step(height: int, width: int, max_pixels: int = 4_000_000) -> int:
-    """The row and column step of a percentile sample of about `max_pixels` pixels (every predictor and
-    training take their samples with it, so a checkpoint and its export normalise an image alike)."""
-    return max(1, int(np.ceil(np.sqrt(height * width / max_pixels))))
 
 
 def intensity_range(image: np.ndarray, norm: Normalization, max_samples: int = 4_000_000) -> tuple[float, float]:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from seg.errors import SegError
-from seg.preprocess import Normalization
-from seg.tiling import TilingOptions
+from seg.inference.preprocess import Normalization
+from seg.inference.tiling import TilingOptions
 
 ONNX_FORMAT = "seg-onnx/1"
 # Checkpoint keys besides the weights (older checkpoints have exactly these).
@@ -64,7 +64,7 @@ class ModelInfo(BaseModel):
     def _outputs(cls, values: Any) -> Any:
         """Classes and palette are per output: a single class name gets "background" before it, and
         missing colours come from the default palette."""
-        from seg.imageio import default_palette
+        from seg.io.images import default_palette
 
         if not isinstance(values, dict) or not isinstance(values.get("classes"), (list, tuple)):
             return values

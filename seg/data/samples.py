@@ -1,5 +1,5 @@
 """Samples for training and evaluation: a folder of images and masks (index or colour masks), a PASCAL
-VOC tree, or an annotation tool's export (COCO, labelme, CVAT: `seg.annotations`).
+VOC tree, or an annotation tool's export (COCO, labelme, CVAT: `seg.data.annotations`).
 
 `find_samples` lists the samples and splits them; `load_pair` reads one and checks image and mask against
 each other; `survey` reads every sample once, counting pixels per class and collecting every problem
@@ -17,30 +17,26 @@ from typing import Any
 
 import numpy as np
 
-from seg import annotations
 from seg.config import DataConfig
+from seg.data import exports
+from seg.data.coco import coco_samples
+from seg.data.common import Sample, colours_to_index
+from seg.data.labelme import labelme_samples
 from seg.errors import DataError, ImageError
-from seg.imageio import is_image_file, read_image, read_mask, to_channels
-
-
-@dataclass(frozen=True)
-class Sample:
-    """An image and its mask file, or the `target` that draws its mask from annotations."""
-
-    name: str
-    image: Path
-    mask: Path | None = None
-    target: Any = field(default=None, compare=False)  # seg.annotations: draw(height, width, ignore_index)
+from seg.io.headers import is_image_file
+from seg.io.images import read_image, read_mask, to_channels
 
 
 def find_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
-    """(train, val) sample lists for the config's data section."""
+    """(train, val) sample lists for the config's data section (an export's classes and colours are read
+    into it first: `seg.data.exports.resolve`)."""
+    exports.resolve(data)
     if data.format == "voc":
         return _voc_samples(data)
     if data.format == "coco":
         return _coco_samples(data)
     if data.format == "labelme":
-        return _split(annotations.labelme_samples(data, data.root), data, data.root)
+        return _split(labelme_samples(data, data.root), data, data.root)
     if data.format == "cvat":
         return _cvat_samples(data)
     return _folder_samples(data)
@@ -49,11 +45,11 @@ def find_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
 def _coco_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
     root = data.root
     masks = root / data.masks
-    train = annotations.coco_samples(data.annotations, root / data.images, data.classes, masks)
+    train = coco_samples(data.annotations, root / data.images, data.classes, masks)
     if data.val_annotations is None:
         return _split({s.name: s for s in train}, data, root)
     images = root / (data.val_images or data.images)
-    return train, annotations.coco_samples(data.val_annotations, images, data.classes, masks)
+    return train, coco_samples(data.val_annotations, images, data.classes, masks)
 
 
 def _cvat_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
@@ -198,7 +194,7 @@ def load_pair(sample: Sample, data: DataConfig) -> tuple[np.ndarray, np.ndarray]
         if raw.ndim != 3 or raw.shape[2] < 3:
             raise DataError(f"{sample.mask}: mask_mode color needs RGB masks, this one is grey")
         ignore = {tuple(data.ignore_color): data.ignore_index} if data.ignore_color else None
-        return image, annotations.colours_to_index(raw, data.class_palette[: data.num_classes], sample.mask, ignore)
+        return image, colours_to_index(raw, data.class_palette[: data.num_classes], sample.mask, ignore)
     return image, encode_mask(raw, data, sample.mask)
 
 

@@ -3,14 +3,13 @@
 Images come back as numpy arrays in their own dtype (uint8, uint16, float32), shaped (H, W) for grey and
 (H, W, C) otherwise, as they are shown: turned by their EXIF orientation, TIFF colours by their photometric
 interpretation. Pillow opens PNG, JPEG and BMP only (TIFFs go to tifffile). Nothing here normalises: that
-is `seg.preprocess`.
+is `seg.inference.preprocess`.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import struct
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -21,26 +20,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from seg.errors import ImageError
-from seg.tiff import read_tiff, read_tiff_file
+from seg.io.headers import PIL_FORMATS, TIFF_MAGIC, TIFF_SUFFIXES, is_tiff, unsupported_format
+from seg.io.tiff import read_tiff_file
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-TIFF_SUFFIXES = (".tif", ".tiff")
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
-PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the only formats Pillow may open
-# Formats people send that seg does not read, by their first bytes (for a clear error).
-OTHER_FORMATS = (
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x02\x00", "CUR"),
-    (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"qoif", "QOI"), (b"DDS ", "DDS"), (b"icns", "ICNS"), (b"\x76\x2f\x31\x01", "OpenEXR"),
-    (b"<svg", "SVG"), (b"<?xml", "SVG"),
-)  # fmt: skip
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -52,116 +36,28 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    if is_tiff(path):
-        return read_tiff(path)
-    try:
-        with Image.open(path, formats=PIL_FORMATS) as im:
-            return pil_to_array(im)
-    except UnidentifiedImageError:  # its message holds the file's name
-        raise ImageError(f"{path}: {unsupported_format(path)}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: cannot read image ({err})") from None
-
-
-def is_tiff(path: str | Path) -> bool:
-    """A TIFF by its first bytes (else by its suffix, for files too short to tell)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        head = b""
-    return head in TIFF_MAGIC if len(head) == 4 else Path(path).suffix.lower() in TIFF_SUFFIXES
-
-
-def unsupported_format(source: str | Path | bytes) -> str:
-    """The error for a file Pillow may not open: its format when known."""
-    if isinstance(source, bytes):
-        head = source[:16]
-    else:
-        try:
-            with open(source, "rb") as f:
-                head = f.read(16)
-        except OSError:
-            head = b""
-    name = next((fmt for magic, fmt in OTHER_FORMATS if head.startswith(magic)), None)
-    if name is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        name = "WebP"
-    elif name is None and head[4:8] == b"ftyp":
-        name = "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIF"
-    elif name is None and len(head) > 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
-        name = "PNM"
-    if name is None:
-        known = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP"}
-        seen = next((fmt for magic, fmt in known.items() if head.startswith(magic)), None)
-        return f"cannot read this {seen} file (its header is corrupt)" if seen else "not a PNG, JPEG, BMP or TIFF image"
-    return f"unsupported format {name}; use PNG, JPEG, BMP or TIFF"
+    return _decode(path, str(path), is_tiff(path))
 
 
 def decode_image(data: bytes, name: str = "upload") -> np.ndarray:
     """Decode image bytes (any format `read_image` takes)."""
     if not data:
         raise ImageError(f"{name}: empty file")
-    if data[:4] in TIFF_MAGIC:
-        return read_tiff_file(io.BytesIO(data), name)
+    return _decode(data, name, data[:4] in TIFF_MAGIC)
+
+
+def _decode(source: Path | bytes, name: str, tiff: bool) -> np.ndarray:
+    """The one decoder dispatch: TIFFs to tifffile, the rest to Pillow (PNG, JPEG and BMP only)."""
+    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    if tiff:
+        return read_tiff_file(file, name)
     try:
-        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+        with Image.open(file, formats=PIL_FORMATS) as im:
             return pil_to_array(im)
-    except UnidentifiedImageError:  # its message holds the buffer's repr
-        raise ImageError(f"{name}: {unsupported_format(data)}") from None
+    except UnidentifiedImageError:  # its message holds the file's name or the buffer's repr
+        raise ImageError(f"{name}: {unsupported_format(source)}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: cannot read image ({err})") from None
-
-
-def exif_orientation(path: str | Path) -> int:
-    """The EXIF orientation (1..8) of a JPEG or PNG from its EXIF block alone, without decoding; 1 when
-    there is none."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:2] == b"\xff\xd8":
-                f.seek(2)
-                block = _jpeg_exif(f)
-            else:
-                block = _png_exif(f) if head == b"\x89PNG\r\n\x1a\n" else None
-        if block is None:
-            return 1
-        exif = Image.Exif()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exif.load(block)
-        orientation = int(exif.get(0x0112, 1))
-    except (OSError, ValueError, SyntaxError, struct.error):  # an unreadable block: as if there were none
-        return 1
-    return orientation if 1 <= orientation <= 8 else 1
-
-
-def _jpeg_exif(f) -> bytes | None:
-    while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF or marker[1] in (0xD9, 0xDA):  # end, or the scan begins
-            return None
-        if marker[1] == 0x01 or 0xD0 <= marker[1] <= 0xD8:  # markers without a length
-            continue
-        (length,) = struct.unpack(">H", f.read(2))
-        if marker[1] == 0xE1:
-            data = f.read(length - 2)
-            if data.startswith(b"Exif\x00\x00"):
-                return data
-        else:
-            f.seek(length - 2, os.SEEK_CUR)
-
-
-def _png_exif(f) -> bytes | None:
-    while True:
-        head = f.read(8)
-        if len(head) < 8:
-            return None
-        length, kind = struct.unpack(">I", head[:4])[0], head[4:]
-        if kind == b"eXIf":
-            return f.read(length)
-        if kind == b"IEND":
-            return None
-        f.seek(length + 4, os.SEEK_CUR)
 
 
 def orient(image: np.ndarray, orientation: int) -> np.ndarray:
@@ -207,7 +103,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise ImageError(f"{path}: no such mask file")
     if is_tiff(path):
-        arr = read_tiff(path, colours=False)  # labels as stored: palette indices, MinIsWhite not inverted
+        arr = read_tiff_file(path, str(path), colours=False)  # labels as stored: palette indices, MinIsWhite not inverted
     else:
         try:
             with Image.open(path, formats=PIL_FORMATS) as im:

@@ -1,0 +1,103 @@
+"""A request's life in the service: its deadline (SEG_TIMEOUT after it arrived), the server's stop signal,
+the errors that have their own status codes, and the one place where errors become JSON responses."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import signal
+import threading
+import time
+from typing import Callable
+
+from starlette.responses import JSONResponse
+
+from seg.errors import SegError
+
+STOPPING = threading.Event()  # set by SIGTERM or SIGINT: running predictions stop at their next tile batch
+
+DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # of the request, set by Deadline
+
+
+
+class TooLarge(SegError):
+    """An image with more pixels than the server takes."""
+
+
+
+class TimedOut(SegError):
+    """A request past its deadline."""
+
+
+
+class ShuttingDown(SegError):
+    """A request still running when the server was told to stop."""
+
+
+
+STATUS = {TooLarge: 413, ShuttingDown: 503, TimedOut: 504}  # any other SegError: 400
+
+
+
+def client_errors(endpoint):
+    """The one place where errors become responses: by `STATUS`, any other SegError 400, as JSON."""
+
+    @functools.wraps(endpoint)
+    def answer(*args, **kwargs):
+        try:
+            return endpoint(*args, **kwargs)
+        except SegError as err:
+            return JSONResponse({"error": str(err)}, status_code=STATUS.get(type(err), 400))
+
+    return answer
+
+
+
+class Deadline:
+    """ASGI middleware: sets DEADLINE on a request's arrival, `timeout` seconds later, when BentoML answers 504.
+
+    Each request runs in its own task, so in its own context, which the endpoint's thread inherits.
+    """
+
+    def __init__(self, app, timeout: float):
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            DEADLINE.set(time.monotonic() + self.timeout)
+        await self.app(scope, receive, send)
+
+
+
+def request_check(timeout: float) -> Callable[[], None]:
+    """The current request's `check` for the predictor: raises ShuttingDown once the server is stopping and
+    TimedOut past the request's DEADLINE."""
+    deadline = DEADLINE.get(None) or time.monotonic() + timeout
+
+    def check() -> None:
+        if STOPPING.is_set():
+            raise ShuttingDown("the server is shutting down; send the request again")
+        if time.monotonic() > deadline:
+            raise TimedOut(f"not answered within {timeout:g} seconds")
+
+    return check
+
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGINT set STOPPING, then call the handler already installed (uvicorn's, which lets
+    running requests finish before the worker exits: they now stop at their next tile batch)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+        if not callable(previous):  # no server's handler to hand on to
+            continue
+
+        def handler(signum, frame, previous=previous) -> None:
+            STOPPING.set()
+            previous(signum, frame)
+
+        signal.signal(number, handler)
+
