@@ -76,3 +76,9 @@ def test_a_planted_import_breaks_the_floor_plan(tmp_path, module, line, broken):
     assert result.returncode != 0
     broken_lines = [l for l in result.stdout.splitlines() if l.rstrip().endswith("BROKEN")]
     assert any(broken in l for l in broken_lines), result.stdout[-3000:]
+
+
+def test_the_public_names_import_from_the_top():
+    code = "from seg import Predictor, SegError, TilingOptions, build_model; print(TilingOptions(tile=256).tile)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "256", result.stderr
