@@ -10,28 +10,47 @@ its endpoints read parameters from a JSON or multipart body only. For the routes
 - answers 413 when Content-Length exceeds the limit, before reading any of the body, and stops reading a
   body without Content-Length (chunked) as soon as it passes the limit; the application receives the
   body in one piece, never more than the limit;
+- answers 408 and closes the connection when a body stalls for `body_timeout` seconds between two reads,
+  or averages under `min_body_rate` bytes/s once it has taken BODY_GRACE seconds (a trickling client);
+- takes one of `concurrency` slots for the model only once the body is in (429 when none is free), so
+  clients still sending hold none; starts the request's deadline (`timeout`, 504 past it) then too;
+- watches for the client going away once the body is in, and sets the request's GONE event, which the
+  predictor's check reads between tile batches: a request nobody waits for stops within a batch;
+- caps form fields and query parameters (count and length) and renames an uploaded file whose name
+  BentoML could not store, and passes the Content-Type on in lower case (media types ignore case);
 - on the upload routes, turns a raw body (any accepted Content-Type but multipart/form-data) into a
   multipart form: the body is the file field `image`, the query parameters become the other fields. So
   `curl --data-binary @a.png 'HOST/segment?tile=512'` is the same request as
   `curl -F image=@a.png -F tile=512 HOST/segment`;
 - on the upload routes, answers 400 for a multipart body that does not parse or lacks exactly one file
   field `image` (BentoML answers 500 to a malformed form, and fetches a URL given as text in a file field);
-- rewrites BentoML's own error answers (a `detail` list of pydantic errors, or a JSON list) as
-  {"error": "..."}, and documents these errors in the OpenAPI schema it serves at `DOCS`.
+- rewrites every error answer, on any path (BentoML's pydantic `detail` lists, its plain-text 404 and 405),
+  as {"error": "..."}, and documents these errors in the OpenAPI schema it serves at `DOCS` (without
+  naming the server's software version); `/` sends browsers to the page at /ui/ (BentoML's page there
+  loads a third-party script).
 
-Other paths (health, metrics) pass untouched.
+Other paths (health, metrics, /ui) pass otherwise untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
 import secrets
+import threading
+import time
+from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+
+from seg import __version__
+from serving.lifecycle import DEADLINE, GONE
+from serving.settings import BODY_GRACE
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -43,9 +62,14 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "applicatio
 # "" is a request without Content-Type; x-www-form-urlencoded is what `curl --data-binary` sends by default.
 UPLOAD_TYPES = frozenset({"", "multipart/form-data", *IMAGE_TYPES, "application/x-www-form-urlencoded"})
 JSON_TYPES = frozenset({"", "application/json"})
+MAX_FIELDS = 32  # form fields or query parameters of one request
+MAX_FIELD_CHARS = 256  # characters of one field's value (a tile size, a TTA level: a few)
+MAX_JSON_DEPTH = 32
+SAFE_FILENAME = re.compile(r"[A-Za-z0-9._ -]{1,64}")
 ERRORS = {
     400: "unreadable or unsupported image, parameters out of range, malformed body",
     401: "API key missing or wrong (when the server has one)",
+    408: "the request body stalled or arrived too slowly",
     413: "body or image over the server's limits",
     415: "a Content-Type the route does not take",
     429: "too many requests at once",
@@ -58,20 +82,28 @@ class Gate:
     """Guard `routes` (exact paths); `upload_routes` take an image; see the module docstring."""
 
     def __init__(
-        self, app, routes: Iterable[str], upload_routes: Iterable[str], max_bytes: int, api_key: str | None = None
-    ):
+        self, app, routes: Iterable[str], upload_routes: Iterable[str], max_bytes: int, api_key: str | None = None,
+        concurrency: int | None = None, timeout: float | None = None, body_timeout: float = 60.0,
+        min_body_rate: float = 1.0,
+    ):  # fmt: skip
         self.app = app
         self.routes = frozenset(routes)
         self.upload_routes = frozenset(upload_routes)
         self.max_bytes = max_bytes
         self.api_key = api_key
+        self.slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self.timeout, self.body_timeout, self.min_body_rate = timeout, body_timeout, min_body_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == DOCS and scope["method"] == "GET":
-            return await self.app(scope, receive, documented(send, self.routes, self.upload_routes))
-        if scope["type"] != "http" or scope["path"] not in self.routes:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            return await redirect(send, "/ui/")
+        if scope["path"] == DOCS and scope["method"] == "GET":
+            return await self.app(scope, receive, documented(send, self.routes, self.upload_routes))
         send = plain_errors(send)
+        if scope["path"] not in self.routes:
+            return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and not self._authorized(headers.get("authorization", "")):
             return await reply(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -80,10 +112,11 @@ class Gate:
         if len(types) > 1:
             return await reply(send, 400, "send one Content-Type header")
         content_type = types[0].split(";")[0].strip().lower() if types else ""
-        accepted = UPLOAD_TYPES if scope["path"] in self.upload_routes else JSON_TYPES
+        upload = scope["path"] in self.upload_routes
+        accepted = UPLOAD_TYPES if upload else JSON_TYPES
         if content_type not in accepted:
             takes = "multipart/form-data or the image itself as " + ", ".join(IMAGE_TYPES)
-            wanted = takes if scope["path"] in self.upload_routes else "application/json or no body"
+            wanted = takes if upload else "application/json or no body"
             return await reply(send, 415, f"Content-Type {content_type[:100]!r} is not accepted here; send {wanted}")
         length = headers.get("content-length")
         if length is not None and not length.isdigit():
@@ -91,58 +124,177 @@ class Gate:
         if length is not None and int(length) > self.max_bytes:
             return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
                                           f"{self.max_bytes} (SEG_MAX_BYTES)")  # fmt: skip
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await reply(send, 413, f"request body is over the limit of {self.max_bytes} bytes (SEG_MAX_BYTES)")
-            if not message.get("more_body", False):
-                break
-        body = bytes(body)
-        if scope["path"] in self.upload_routes and scope["method"] == "POST":
-            try:
+        try:
+            body = await self._read_body(receive)
+            if body is None:
+                return  # the client went away while sending
+            if upload and scope["method"] == "POST":
                 if content_type == "multipart/form-data":
-                    await check_form(headers, body)
+                    scope, body = await checked_form(scope, headers, body)
                 else:
                     scope, body = as_multipart(scope, body, content_type or "application/octet-stream")
-            except ValueError as err:
-                return await reply(send, 400, str(err))
-        await self.app(scope, replay(body, receive), send)
+            elif body:
+                check_json(body)
+        except BodyError as err:
+            return await reply(send, err.status, str(err))
+        except ValueError as err:
+            return await reply(send, 400, str(err))
+        if self.slots is not None and self.slots.locked():
+            return await reply(send, 429, "too many requests at once; send it again later")
+        async with self.slots or _NO_SLOT:
+            await self._run(scope, body, receive, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body (None when the client disconnects first); BodyError past the limits."""
+        body = bytearray()
+        start = time.monotonic()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyError(408, f"no part of the request body came for {self.body_timeout:g} s (SEG_BODY_TIMEOUT)") from None
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                raise BodyError(413, f"request body is over the limit of {self.max_bytes} bytes (SEG_MAX_BYTES)")
+            if not message.get("more_body", False):
+                return bytes(body)
+            took = time.monotonic() - start
+            if took > BODY_GRACE and len(body) < self.min_body_rate * took:
+                raise BodyError(408, f"the request body is arriving at under {self.min_body_rate:g} bytes/s "
+                                     "(SEG_MIN_BODY_RATE)")  # fmt: skip
+
+    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """The application on the whole body, with the request's deadline and its client watched; 504 (when no
+        answer has started) past the deadline."""
+        gone = threading.Event()
+        watcher = asyncio.ensure_future(watch(receive, gone))
+        if self.timeout:
+            DEADLINE.set(time.monotonic() + self.timeout)
+        GONE.set(gone)
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, replay(body, watcher), send_started), self.timeout)
+        except asyncio.TimeoutError:
+            if not started:
+                await reply(send, 504, f"not answered within {self.timeout:g} seconds (SEG_TIMEOUT)")
+        finally:
+            watcher.cancel()
 
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
-async def check_form(headers: dict[str, str], body: bytes) -> None:
-    """ValueError unless the multipart body parses and holds exactly one file field `image`."""
+class BodyError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _NoSlot:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+
+_NO_SLOT = _NoSlot()
+
+
+async def watch(receive: Receive, gone: threading.Event) -> Message:
+    """Wait for the client's disconnect (all that `receive` gives once the body is in) and set `gone`."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return message
+
+
+def check_json(body: bytes) -> None:
+    """ValueError for a JSON body nested deeper than MAX_JSON_DEPTH (Python's parser would recurse out)."""
+    depth = 0
+    for char in re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', body):
+        if char in b"[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in b"]}":
+            depth -= 1
+
+
+def check_field(name: str, value: str) -> None:
+    if len(value) > MAX_FIELD_CHARS:
+        raise ValueError(f"field {name[:40]!r} is {len(value)} characters long; at most {MAX_FIELD_CHARS}")
+
+
+async def checked_form(scope: Scope, headers: dict[str, str], body: bytes) -> tuple[Scope, bytes]:
+    """The multipart request as BentoML can take it: ValueError unless the body parses, holds exactly one file
+    field `image` and at most MAX_FIELDS short fields; the Content-Type's media type in lower case, and the
+    file renamed "image" when its name is one BentoML could not use as a temporary file's."""
 
     async def stream():
         yield body
 
     try:
-        form = await MultiPartParser(Headers(headers), stream(), max_files=1, max_fields=32).parse()
+        form = await MultiPartParser(Headers(headers), stream(), max_files=1, max_fields=MAX_FIELDS).parse()
     except MultiPartException as err:
         raise ValueError(f"malformed multipart body: {err.message}") from None
     except Exception as err:  # python-multipart on bytes it cannot make sense of
         raise ValueError(f"malformed multipart body ({type(err).__name__})") from None
-    images = form.getlist("image")
-    await form.close()
-    if len(images) != 1 or not isinstance(images[0], UploadFile):
-        raise ValueError("send the image as one file field named 'image' (e.g. curl -F image=@a.png)")
+    try:
+        images = form.getlist("image")
+        if len(images) != 1 or not isinstance(images[0], UploadFile):
+            raise ValueError("send the image as one file field named 'image' (e.g. curl -F image=@a.png)")
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                check_field(name, value)
+        filename = images[0].filename or ""
+    finally:
+        await form.close()
+    media, _, params = headers.get("content-type", "").partition(";")
+    fixed = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    fixed.append((b"content-type", f"{media.strip().lower()};{params}".encode("latin-1")))
+    scope = {**scope, "headers": fixed}
+    if filename and not SAFE_FILENAME.fullmatch(filename):
+        body = renamed(body, scope)
+    return scope, body
+
+
+def renamed(body: bytes, scope: Scope) -> bytes:
+    """The body with the `image` part's Content-Disposition line replaced by one naming the file "image"."""
+    at = re.search(rb'(?im)^content-disposition:[^\r\n]*[;\s]name="?image"?(;|\r|$)[^\r\n]*', body)
+    if at is None:
+        return body
+    body = body[: at.start()] + b'Content-Disposition: form-data; name="image"; filename="image"' + body[at.end() :]
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    scope["headers"] = headers + [(b"content-length", str(len(body)).encode())]
+    return body
+
+
+def redirect(send: Send, location: str) -> Awaitable[None]:
+    return reply(send, 307, f"see {location}", {"location": location})
 
 
 def as_multipart(scope: Scope, body: bytes, content_type: str) -> tuple[Scope, bytes]:
     """A raw-body request as a multipart form: the body as file `image`, query parameters as fields."""
     boundary = secrets.token_hex(16)
     fields = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    if len(fields) > MAX_FIELDS:
+        raise ValueError(f"{len(fields)} query parameters; at most {MAX_FIELDS}")
     parts = []
     for name, value in fields:
         if name == "image" or not name.isidentifier():
-            raise ValueError(f"query parameter {name!r} is not allowed; send the image as the body")
+            raise ValueError(f"query parameter {name[:40]!r} is not allowed; send the image as the body")
+        check_field(name, value)
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     safe_type = content_type if all(c.isalnum() or c in "/.+-" for c in content_type) else "application/octet-stream"
     parts.append(
@@ -182,46 +334,47 @@ async def reply(send: Send, status: int, error: str, headers: dict[str, str] | N
 
 
 def plain_errors(send: Send) -> Send:
-    """A `send` that rewrites the application's JSON error answers (4xx, 5xx) as {"error": "..."}."""
+    """A `send` that rewrites the application's error answers (4xx, 5xx; JSON or text) as {"error": "..."}."""
     start: Message | None = None
     body = b""
 
     async def send_plain(message: Message) -> None:
         nonlocal start, body
         if message["type"] == "http.response.start" and message["status"] >= 400:
-            kinds = [v for k, v in message.get("headers", []) if k.lower() == b"content-type"]
-            if kinds and kinds[0].startswith(b"application/json"):
-                start = message
-                return
+            start = message
+            return
         if start is None or message["type"] != "http.response.body":
             return await send(message)
         body += message.get("body", b"")
         if message.get("more_body", False):
             return
-        content = json.dumps({"error": error_text(body)}).encode()
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        await send({**start, "headers": headers + [(b"content-length", str(len(content)).encode())]})
+        content = json.dumps({"error": error_text(body, start["status"])}).encode()
+        kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+        fields = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        await send({**start, "headers": kept + fields})
         await send({"type": "http.response.body", "body": content})
 
     return send_plain
 
 
-def error_text(body: bytes) -> str:
-    """One line from an error body: ours, BentoML's [{"error": ...}], or pydantic's validation `detail`."""
+def error_text(body: bytes, status: int = 400) -> str:
+    """One line from an error body: ours, BentoML's [{"error": ...}], pydantic's validation `detail`, or
+    the status's own phrase for a text body (Starlette's "Not Found")."""
+    phrase = HTTPStatus(status).phrase.lower() if status in HTTPStatus._value2member_map_ else "bad request"
     try:
         data = json.loads(body)
     except ValueError:
-        return "bad request"
+        return phrase
     if isinstance(data, list) and len(data) == 1:
         data = data[0]
     if not isinstance(data, dict):
-        return "bad request"
+        return phrase
     detail = data.get("detail")
     if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
         return "; ".join(
             f"{'.'.join(str(part) for part in d.get('loc', [])) or 'body'}: {d.get('msg', 'invalid')}" for d in detail
         )
-    return str(data.get("error") or "bad request")
+    return str(data.get("error") or phrase)
 
 
 def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str]) -> Send:
@@ -250,7 +403,10 @@ def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str]
 
 
 def openapi(spec: dict, routes: frozenset[str], upload_routes: frozenset[str]) -> dict:
-    """BentoML's schema with our request bodies and error answers (BentoML's 404/500 never happen there)."""
+    """BentoML's schema with our request bodies and error answers (BentoML's 404/500 never happen there), and
+    our own title block: BentoML's names its version and links to its community pages."""
+    spec["info"] = {"title": "seg", "version": __version__,
+                    "description": "Segmentation of images of any size; the page at /ui/ uses these endpoints."}
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
         "type": "object",
         "title": "Error",

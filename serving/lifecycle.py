@@ -1,5 +1,5 @@
-"""A request's life in the service: its deadline (SEG_TIMEOUT after it arrived), the server's stop signal,
-the errors that have their own status codes, and the one place where errors become JSON responses."""
+"""A request's life in the service: its deadline (SEG_TIMEOUT after its body is in), the client going away,
+the server's stop signal, the errors with their own status codes, and the one place errors become JSON."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from seg.errors import SegError
 
 STOPPING = threading.Event()  # set by SIGTERM or SIGINT: running predictions stop at their next tile batch
 
-DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # of the request, set by Deadline
+DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # set by the gate once the body is in
+GONE: contextvars.ContextVar[threading.Event] = contextvars.ContextVar("gone")  # set when the client disconnects
 
 
 
@@ -30,12 +31,16 @@ class TimedOut(SegError):
 
 
 
+class ClientGone(SegError):
+    """The client disconnected: nobody reads the answer, so the work stops."""
+
+
 class ShuttingDown(SegError):
     """A request still running when the server was told to stop."""
 
 
 
-STATUS = {TooLarge: 413, ShuttingDown: 503, TimedOut: 504}  # any other SegError: 400
+STATUS = {TooLarge: 413, ClientGone: 499, ShuttingDown: 503, TimedOut: 504}  # any other SegError: 400
 
 
 
@@ -53,33 +58,21 @@ def client_errors(endpoint):
 
 
 
-class Deadline:
-    """ASGI middleware: sets DEADLINE on a request's arrival, `timeout` seconds later, when BentoML answers 504.
-
-    Each request runs in its own task, so in its own context, which the endpoint's thread inherits.
-    """
-
-    def __init__(self, app, timeout: float):
-        self.app = app
-        self.timeout = timeout
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            DEADLINE.set(time.monotonic() + self.timeout)
-        await self.app(scope, receive, send)
-
-
-
 def request_check(timeout: float) -> Callable[[], None]:
-    """The current request's `check` for the predictor: raises ShuttingDown once the server is stopping and
-    TimedOut past the request's DEADLINE."""
+    """The current request's `check` for the predictor, called between tile batches: raises ShuttingDown once
+    the server is stopping, ClientGone once the client has disconnected (its work stops there) and TimedOut
+    past the request's DEADLINE."""
     deadline = DEADLINE.get(None) or time.monotonic() + timeout
+
+    gone = GONE.get(None)
 
     def check() -> None:
         if STOPPING.is_set():
             raise ShuttingDown("the server is shutting down; send the request again")
+        if gone is not None and gone.is_set():
+            raise ClientGone("the client went away")
         if time.monotonic() > deadline:
-            raise TimedOut(f"not answered within {timeout:g} seconds")
+            raise TimedOut(f"not answered within {timeout:g} seconds (SEG_TIMEOUT)")
 
     return check
 

@@ -17,9 +17,11 @@ This module imports bentoml, numpy, PIL and (through seg.inference.predictor) on
 from __future__ import annotations
 
 import base64
+import copy
+import math
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Callable, Iterable, Literal
 
 import bentoml
 import numpy as np
@@ -40,7 +42,7 @@ from seg.inference.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
 from seg.io import images as imageio
 from seg.io.headers import header_shape
 from serving.gate import Gate
-from serving.lifecycle import Deadline, TooLarge, client_errors, request_check, stop_on_signals
+from serving.lifecycle import TooLarge, client_errors, request_check, stop_on_signals
 from serving.responses import display_bands, encode_bands, overlay_bands, png_bytes, run_lengths, timing
 from serving.settings import Settings
 
@@ -104,7 +106,7 @@ class ServiceInfo(ModelInfo):
 
     provider: str
     device: str
-    model_file: str = Field(description="the ONNX file running: SEG_MODEL, or its int8 model (SEG_PRECISION)")
+    model_file: str = Field(description="the name of the ONNX file running (SEG_MODEL, or its int8 model: SEG_PRECISION)")
     worker: int = Field(description="this worker's index, from 1 (SEG_WORKERS=N runs N)")
     gpu: int | None = Field(
         None, json_schema_extra={"nullable": True},  # BentoML's schema keeps only the int otherwise
@@ -120,7 +122,9 @@ UI = Starlette(routes=[Mount("/", StaticFiles(directory=Path(__file__).with_name
 @bentoml.asgi_app(UI, path="/ui")
 @bentoml.service(
     name="seg",
-    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.concurrency},
+    # The gate answers 504 past SEG_TIMEOUT from a body's arrival and 429 past SEG_CONCURRENCY; BentoML's own
+    # timeout, from the request's start, only backs it up (an upload may take SETTINGS.upload_seconds).
+    traffic={"timeout": SETTINGS.timeout + SETTINGS.upload_seconds + 30},
     workers=SETTINGS.workers,
 )
 class Segmentation:
@@ -214,11 +218,11 @@ class Segmentation:
         s = self.settings
         return ServiceInfo(
             **dict(self.predictor.info), provider=self.predictor.provider, device=self.predictor.device,
-            model_file=str(self.predictor.path), worker=self.worker, gpu=self.gpu,
+            model_file=self.predictor.path.name, worker=self.worker, gpu=self.gpu,
             limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                     "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
                     "overlap": [0.0, MAX_OVERLAP], "tta": list(TTA_LEVELS), "timeout": s.timeout,
-                    "concurrency": s.concurrency},
+                    "concurrency": s.concurrency, "body_timeout": s.body_timeout, "min_body_rate": s.min_body_rate},
         )  # fmt: skip
 
     def _predict(
@@ -231,13 +235,40 @@ class Segmentation:
         return image, self.predictor.predict(image, options, check=check)
 
 
-Segmentation.add_asgi_middleware(Deadline, timeout=SETTINGS.timeout)  # outside Gate: upload time counts
+def label_metrics_by_route(known: Iterable[str]) -> None:
+    """Make BentoML's request metrics label a request by its route: a known path as itself, any page under
+    /ui/ as "/ui/", anything else as "other". BentoML labels by the raw path, so made-up paths would each add
+    series to /metrics without bound (and show other clients' paths)."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
+
+    if getattr(Metrics, "labelled_by_route", False):
+        return
+    known, original = frozenset(known), Metrics.__call__
+
+    async def call(self, scope, receive, send):
+        path = scope.get("path", "")
+        label = path if path in known else "/ui/" if path.startswith("/ui/") else "other"
+        if scope.get("type") != "http" or label == path:
+            return await original(self, scope, receive, send)
+        inner, proxy = self.app, copy.copy(self)
+        proxy.app = lambda s, r, se: inner({**s, "path": path}, r, se)  # the app still sees the real path
+        await original(proxy, {**scope, "path": label}, receive, send)
+
+    Metrics.__call__, Metrics.labelled_by_route = call, True
+
+
+label_metrics_by_route([method.route for method in Segmentation.apis.values()]
+                       + ["/", "/metrics", "/livez", "/readyz", "/healthz", "/docs.json", "/ui"])
 Segmentation.add_asgi_middleware(
     Gate,
     routes=[method.route for method in Segmentation.apis.values()],
     upload_routes=[method.route for method in Segmentation.apis.values() if "image" in method.input_spec.model_fields],
     max_bytes=SETTINGS.max_bytes,
     api_key=SETTINGS.api_key,
+    concurrency=math.ceil(SETTINGS.concurrency / SETTINGS.workers),  # each worker its share, as BentoML's own
+    timeout=SETTINGS.timeout,
+    body_timeout=SETTINGS.body_timeout,
+    min_body_rate=SETTINGS.min_body_rate,
 )
 
 

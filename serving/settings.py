@@ -14,6 +14,8 @@ from seg.errors import SegError
 from seg.inference.runtime import BUNDLED_MODEL, PRECISIONS
 from seg.inference.tiling import MIN_TILE
 
+BODY_GRACE = 10.0  # seconds a body may take before SEG_MIN_BODY_RATE applies
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -29,6 +31,13 @@ class Settings:
     timeout: float = 300.0
     concurrency: int = 32
     workers: int = 1
+    body_timeout: float = 60.0  # most seconds between two reads of a request body (nginx's client_body_timeout)
+    min_body_rate: int = 65536  # bytes/s a body must average once it has taken BODY_GRACE seconds
+
+    @property
+    def upload_seconds(self) -> float:
+        """The longest a body of max_bytes may take to arrive at the slowest rate allowed."""
+        return BODY_GRACE + self.max_bytes / self.min_body_rate
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -62,4 +71,6 @@ class Settings:
             timeout=number("SEG_TIMEOUT", float, cls.timeout, 0.1),
             concurrency=number("SEG_CONCURRENCY", int, cls.concurrency, 1),
             workers=number("SEG_WORKERS", int, cls.workers, 1),
+            body_timeout=number("SEG_BODY_TIMEOUT", float, cls.body_timeout, 0.1),
+            min_body_rate=number("SEG_MIN_BODY_RATE", int, cls.min_body_rate, 1),
         )

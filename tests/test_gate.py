@@ -261,7 +261,7 @@ def test_the_apps_pydantic_errors_become_one_line():
 @pytest.mark.parametrize(
     "status, body, error",
     [(500, b'[{"error": "out of memory"}]', "out of memory"), (400, b'{"error": "bad tile"}', "bad tile"),
-     (500, b"not json", "bad request"), (400, b"[1, 2]", "bad request")],
+     (500, b"not json", "internal server error"), (400, b"[1, 2]", "bad request")],
 )  # fmt: skip
 def test_the_apps_json_errors_become_one_shape(status, body, error):
     gate, _ = make_gate(App(status, body))
@@ -269,9 +269,12 @@ def test_the_apps_json_errors_become_one_shape(status, body, error):
     assert answer.status == status and answer.json() == {"error": error}
 
 
-def test_answers_that_are_no_json_errors_pass_untouched():
-    gate, _ = make_gate(App(404, b"not found", b"text/plain"))
-    assert call(gate, path="/info").body == b"not found"
+def test_text_errors_become_json_and_other_answers_pass_untouched():
+    gate, _ = make_gate(App(404, b"Not Found", b"text/plain"))
+    for path in ("/info", "/no/such/path"):  # guarded or not
+        answer = call(gate, path=path)
+        assert answer.status == 404 and answer.json() == {"error": "not found"}
+        assert answer.headers["content-type"] == "application/json"
     gate, _ = make_gate(App(200, b'{"detail": [1]}'))
     assert call(gate, path="/info").json() == {"detail": [1]}
 

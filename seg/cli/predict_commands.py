@@ -99,8 +99,11 @@ def serve(
     if workers < 1:
         raise SegError(f"--workers {workers}: must be at least 1")
     Predictor.from_onnx(path, device="cpu", precision=precision)  # a bad file or precision fails here, in one line
+    # BentoML keeps its Prometheus files in BENTOML_HOME and empties them on start: one folder per port, so that
+    # a second server on this machine does not wipe the first one's metrics.
+    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / f"seg-serve-{port}"
     env = {**os.environ, "SEG_MODEL": str(path), "SEG_WORKERS": str(workers), "SEG_PRECISION": precision,
-           "BENTOML_DO_NOT_TRACK": "True"}  # fmt: skip
+           "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(home)}  # fmt: skip
     root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Segmentation", "--host", host,
                "--port", str(port), "--working-dir", str(root)]  # fmt: skip
