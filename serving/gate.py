@@ -48,7 +48,6 @@ from urllib.parse import parse_qsl
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from seg import __version__
 from serving.lifecycle import DEADLINE, GONE
 from serving.settings import BODY_GRACE
 
@@ -58,6 +57,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DOCS = "/docs.json"
+API_VERSION = "1"  # of the endpoints as documented at DOCS (info.version), not of any software
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/octet-stream")
 # "" is a request without Content-Type; x-www-form-urlencoded is what `curl --data-binary` sends by default.
 UPLOAD_TYPES = frozenset({"", "multipart/form-data", *IMAGE_TYPES, "application/x-www-form-urlencoded"})
@@ -405,7 +405,7 @@ def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str]
 def openapi(spec: dict, routes: frozenset[str], upload_routes: frozenset[str]) -> dict:
     """BentoML's schema with our request bodies and error answers (BentoML's 404/500 never happen there), and
     our own title block: BentoML's names its version and links to its community pages."""
-    spec["info"] = {"title": "seg", "version": __version__,
+    spec["info"] = {"title": "seg", "version": API_VERSION,
                     "description": "Segmentation of images of any size; the page at /ui/ uses these endpoints."}
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
         "type": "object",
