@@ -38,11 +38,13 @@ import asyncio
 import hmac
 import json
 import re
+import itertools
 import secrets
+import tempfile
 import threading
 import time
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers, UploadFile
@@ -62,6 +64,9 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "applicatio
 # "" is a request without Content-Type; x-www-form-urlencoded is what `curl --data-binary` sends by default.
 UPLOAD_TYPES = frozenset({"", "multipart/form-data", *IMAGE_TYPES, "application/x-www-form-urlencoded"})
 JSON_TYPES = frozenset({"", "application/json"})
+SPOOL_BYTES = 1 << 20  # a body past this goes to a temporary file
+CHUNK_BYTES = 1 << 20  # bodies go on to BentoML in chunks of this size
+HEAD_BYTES = 64 << 10  # the start of a multipart body that holds the image part's headers
 MAX_FIELDS = 32  # form fields or query parameters of one request
 MAX_FIELD_CHARS = 256  # characters of one field's value (a tile size, a TTA level: a few)
 MAX_JSON_DEPTH = 32
@@ -126,46 +131,57 @@ class Gate:
                                           f"{self.max_bytes} (SEG_MAX_BYTES)")  # fmt: skip
         try:
             body = await self._read_body(receive)
-            if body is None:
-                return  # the client went away while sending
-            if upload and scope["method"] == "POST":
-                if content_type == "multipart/form-data":
-                    scope, body = await checked_form(scope, headers, body)
-                else:
-                    scope, body = as_multipart(scope, body, content_type or "application/octet-stream")
-            elif body:
-                check_json(body)
         except BodyError as err:
             return await reply(send, err.status, str(err))
-        except ValueError as err:
-            return await reply(send, 400, str(err))
-        if self.slots is not None and self.slots.locked():
-            return await reply(send, 429, "too many requests at once; send it again later")
-        async with self.slots or _NO_SLOT:
-            await self._run(scope, body, receive, send)
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body (None when the client disconnects first); BodyError past the limits."""
-        body = bytearray()
-        start = time.monotonic()
-        while True:
+        if body is None:
+            return  # the client went away while sending
+        with body:
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
-                raise BodyError(408, f"no part of the request body came for {self.body_timeout:g} s (SEG_BODY_TIMEOUT)") from None
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                raise BodyError(413, f"request body is over the limit of {self.max_bytes} bytes (SEG_MAX_BYTES)")
-            if not message.get("more_body", False):
-                return bytes(body)
-            took = time.monotonic() - start
-            if took > BODY_GRACE and len(body) < self.min_body_rate * took:
-                raise BodyError(408, f"the request body is arriving at under {self.min_body_rate:g} bytes/s "
-                                     "(SEG_MIN_BODY_RATE)")  # fmt: skip
+                if upload and scope["method"] == "POST":
+                    if content_type == "multipart/form-data":
+                        scope, chunks = await checked_form(scope, headers, body)
+                    else:
+                        scope, chunks = as_multipart(scope, body, content_type or "application/octet-stream")
+                else:
+                    data = body.file.read()
+                    check_json(data)
+                    chunks = iter([data])
+            except ValueError as err:
+                return await reply(send, 400, str(err))
+            if self.slots is not None and self.slots.locked():
+                return await reply(send, 429, "too many requests at once; send it again later")
+            async with self.slots or _NO_SLOT:
+                await self._run(scope, chunks, receive, send)
 
-    async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    async def _read_body(self, receive: Receive) -> Body | None:
+        """The whole body, spooled to a temporary file past SPOOL_BYTES (None when the client disconnects
+        first); BodyError past the limits."""
+        body = Body()
+        start = time.monotonic()
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    raise BodyError(408, f"no part of the request body came for {self.body_timeout:g} s (SEG_BODY_TIMEOUT)") from None
+                if message["type"] == "http.disconnect":
+                    body.close()
+                    return None
+                body.write(message.get("body", b""))
+                if body.size > self.max_bytes:
+                    raise BodyError(413, f"request body is over the limit of {self.max_bytes} bytes (SEG_MAX_BYTES)")
+                if not message.get("more_body", False):
+                    body.file.seek(0)
+                    return body
+                took = time.monotonic() - start
+                if took > BODY_GRACE and body.size < self.min_body_rate * took:
+                    raise BodyError(408, f"the request body is arriving at under {self.min_body_rate:g} bytes/s "
+                                         "(SEG_MIN_BODY_RATE)")  # fmt: skip
+        except BaseException:
+            body.close()
+            raise
+
+    async def _run(self, scope: Scope, chunks: Iterator[bytes], receive: Receive, send: Send) -> None:
         """The application on the whole body, with the request's deadline and its client watched; 504 (when no
         answer has started) past the deadline."""
         gone = threading.Event()
@@ -181,7 +197,7 @@ class Gate:
             await send(message)
 
         try:
-            await asyncio.wait_for(self.app(scope, replay(body, watcher), send_started), self.timeout)
+            await asyncio.wait_for(self.app(scope, replay(chunks, watcher), send_started), self.timeout)
         except asyncio.TimeoutError:
             if not started:
                 await reply(send, 504, f"not answered within {self.timeout:g} seconds (SEG_TIMEOUT)")
@@ -191,6 +207,32 @@ class Gate:
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+class Body:
+    """A request body as it arrives: in memory up to SPOOL_BYTES, then in a temporary file (so one upload
+    costs the server about a chunk of memory, not its size)."""
+
+    def __init__(self):
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="seg-body-")
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.size += len(data)
+
+    def chunks(self) -> Iterator[bytes]:
+        while chunk := self.file.read(CHUNK_BYTES):
+            yield chunk
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "Body":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class BodyError(Exception):
@@ -236,13 +278,14 @@ def check_field(name: str, value: str) -> None:
         raise ValueError(f"field {name[:40]!r} is {len(value)} characters long; at most {MAX_FIELD_CHARS}")
 
 
-async def checked_form(scope: Scope, headers: dict[str, str], body: bytes) -> tuple[Scope, bytes]:
+async def checked_form(scope: Scope, headers: dict[str, str], body: Body) -> tuple[Scope, Iterator[bytes]]:
     """The multipart request as BentoML can take it: ValueError unless the body parses, holds exactly one file
     field `image` and at most MAX_FIELDS short fields; the Content-Type's media type in lower case, and the
     file renamed "image" when its name is one BentoML could not use as a temporary file's."""
 
     async def stream():
-        yield body
+        for chunk in body.chunks():
+            yield chunk
 
     try:
         form = await MultiPartParser(Headers(headers), stream(), max_files=1, max_fields=MAX_FIELDS).parse()
@@ -261,30 +304,30 @@ async def checked_form(scope: Scope, headers: dict[str, str], body: bytes) -> tu
     finally:
         await form.close()
     media, _, params = headers.get("content-type", "").partition(";")
-    fixed = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    fixed = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
     fixed.append((b"content-type", f"{media.strip().lower()};{params}".encode("latin-1")))
-    scope = {**scope, "headers": fixed}
+    body.file.seek(0)
+    head = body.file.read(HEAD_BYTES)
     if filename and not SAFE_FILENAME.fullmatch(filename):
-        body = renamed(body, scope)
-    return scope, body
+        head = renamed(head)
+    fixed.append((b"content-length", str(body.size - HEAD_BYTES + len(head) if body.size > HEAD_BYTES else len(head)).encode()))
+    return {**scope, "headers": fixed}, itertools.chain([head], body.chunks())
 
 
-def renamed(body: bytes, scope: Scope) -> bytes:
-    """The body with the `image` part's Content-Disposition line replaced by one naming the file "image"."""
-    at = re.search(rb'(?im)^content-disposition:[^\r\n]*[;\s]name="?image"?(;|\r|$)[^\r\n]*', body)
+def renamed(head: bytes) -> bytes:
+    """The start of a multipart body with the `image` part's Content-Disposition line replaced by one naming
+    the file "image" (the parts before it are short fields, so its headers lie within HEAD_BYTES)."""
+    at = re.search(rb'(?im)^content-disposition:[^\r\n]*[;\s]name="?image"?(;|\r|$)[^\r\n]*', head)
     if at is None:
-        return body
-    body = body[: at.start()] + b'Content-Disposition: form-data; name="image"; filename="image"' + body[at.end() :]
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    scope["headers"] = headers + [(b"content-length", str(len(body)).encode())]
-    return body
+        return head
+    return head[: at.start()] + b'Content-Disposition: form-data; name="image"; filename="image"' + head[at.end() :]
 
 
 def redirect(send: Send, location: str) -> Awaitable[None]:
     return reply(send, 307, f"see {location}", {"location": location})
 
 
-def as_multipart(scope: Scope, body: bytes, content_type: str) -> tuple[Scope, bytes]:
+def as_multipart(scope: Scope, body: Body, content_type: str) -> tuple[Scope, Iterator[bytes]]:
     """A raw-body request as a multipart form: the body as file `image`, query parameters as fields."""
     boundary = secrets.token_hex(16)
     fields = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
@@ -301,25 +344,26 @@ def as_multipart(scope: Scope, body: bytes, content_type: str) -> tuple[Scope, b
         f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
         f"Content-Type: {safe_type}\r\n\r\n".encode()
     )
-    form = b"".join(parts) + body + f"\r\n--{boundary}--\r\n".encode()
+    head, tail = b"".join(parts), f"\r\n--{boundary}--\r\n".encode()
     headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
     headers += [
         (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-        (b"content-length", str(len(form)).encode()),
+        (b"content-length", str(len(head) + body.size + len(tail)).encode()),
     ]
-    return {**scope, "headers": headers}, form
+    return {**scope, "headers": headers}, itertools.chain([head], body.chunks(), [tail])
 
 
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives the whole body once, then waits on the real one (for a disconnect)."""
-    sent = False
+def replay(chunks: Iterator[bytes], watcher: asyncio.Future) -> Receive:
+    """A `receive` that gives the body chunk by chunk, then the client's disconnect once `watcher` sees it."""
+    chunks = iter(chunks)
+    pending = next(chunks, b"")
 
     async def receive_body() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        nonlocal pending
+        if pending is None:
+            return await asyncio.shield(watcher)
+        data, pending = pending, next(chunks, None)
+        return {"type": "http.request", "body": data, "more_body": pending is not None}
 
     return receive_body
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 import pytest
-from helpers import Server, encode, running_server, send_head
+from helpers import Server, encode, running_server, send_head, worker_peak_rss
 
 from seg.inference.runtime import BUNDLED_MODEL
 
@@ -210,6 +210,19 @@ def test_two_servers_keep_their_own_metrics(conv_onnx, tmp_path):
             assert httpx.post(second.url + "/info", json={}, timeout=30).status_code == 200
             assert request_count(first.url, "/info") == 3
             assert request_count(second.url, "/info") == 1
+
+
+# -- 6. memory per upload ----------------------------------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
+def test_one_large_upload_costs_at_most_one_and_a_half_times_its_size(plain):
+    """The body is spooled to a temporary file as it arrives and handed on in chunks; the worker reads the
+    upload once to decode it (here: not an image, so 400)."""
+    body = np.random.default_rng(0).integers(0, 256, 100 << 20, dtype=np.uint8).tobytes()
+    httpx.post(plain.url + "/info", json={}, timeout=30)
+    before = worker_peak_rss(plain)
+    response = httpx.post(plain.url + "/segment", content=body, headers={"content-type": "image/png"}, timeout=120)
+    assert response.status_code == 400
+    assert worker_peak_rss(plain) - before <= 1.5 * len(body)
 
 
 # -- 7. what a client learns -------------------------------------------------------------------------------------
