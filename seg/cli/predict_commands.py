@@ -107,7 +107,7 @@ def serve(
     root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Segmentation", "--host", host,
                "--port", str(port), "--working-dir", str(root)]  # fmt: skip
-    err.print(f"serving {path} on http://{host}:{port} (the page at /ui/, API docs at /, health at /readyz)", soft_wrap=True)
+    err.print(f"serving {path} on http://{host}:{port} (the page at /ui/, the API schema at /docs.json, health at /readyz)", soft_wrap=True)
     sys.stderr.flush()
     os.execve(sys.executable, command, env)  # become the server: signals reach it directly
 
