@@ -7,7 +7,7 @@ message names the file and the dotted key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,7 +58,8 @@ class DataConfig(Section):
     in_channels: int = Field(3, ge=1)
     normalize: Normalization = Field(default_factory=Normalization)
     crop_size: int = Field(256, ge=8)
-    foreground_crops: float = Field(0.0, ge=0, le=1)  # share of training crops that hold a class other than 0
+    # share of training crops that hold a class other than 0; auto: a third when a class is rare (under 10%)
+    foreground_crops: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.0
     augment: list[Transform] | Literal["default", "none"] = "default"
     kind: Literal["em", "natural"] | None = None
     cache: bool = True

@@ -6,6 +6,8 @@ objects (blobs around cell centres, under 10% of the pixels)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -16,6 +18,8 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from seg.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
 
 from conftest import ISBI
 
@@ -141,3 +145,17 @@ def test_foreground_crops_hold_foreground_at_their_share(sets):
     assert 0.1 < uniform < 0.7
     assert planned == pytest.approx(0.33 + 0.67 * uniform, abs=0.06)
     assert share(1.0) == 1.0
+
+
+@pytest.mark.parametrize("kind, channels, expected", [("rgb", 3, 0.33), ("em", 1, 0.0)])
+def test_the_templates_auto_foreground_crops_is_the_plans(sets, tmp_path, kind, channels, expected):
+    """configs/custom_folder.yaml says foreground_crops: auto; training decides it from the training masks
+    by the rule `seg plan` uses, and the run's config.yaml records the number."""
+    run = tmp_path / "run"
+    overrides = [f"data.root={sets[kind]}", f"data.in_channels={channels}", "data.crop_size=32", "train.steps=1",
+                 "train.time_limit_minutes=null", "model.encoder=resnet18", f"output.dir={run}", "output.overlays=0"]
+    result = runner.invoke(app, ["train", str(ROOT / "configs" / "custom_folder.yaml"),
+                                 *(a for o in overrides for a in ("--set", o))])
+    assert result.exit_code == 0, result.output
+    assert f"data.foreground_crops auto: {expected:g}" in result.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["foreground_crops"] == pytest.approx(expected)

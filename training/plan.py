@@ -75,6 +75,18 @@ class Fingerprint:
         }  # fmt: skip
 
 
+
+def foreground_crops(classes: list[str], fractions: list[float]) -> tuple[float, str]:
+    """The share of training crops drawn around foreground, and why: FOREGROUND_CROPS (nnU-Net's third) when
+    the rarest class other than 0 covers under RARE of the pixels, else none. `seg plan` and
+    `data.foreground_crops: auto` both decide with this."""
+    named = list(zip(classes, fractions))[1:] or list(zip(classes, fractions))
+    rarest, share = min(named, key=lambda item: item[1])
+    if share < RARE:
+        why = f"{rarest} covers {100 * share:.1f}% of the pixels: a third of the crops hold foreground, as nnU-Net's"
+        return FOREGROUND_CROPS, why
+    return 0.0, f"rarest class {rarest} covers {100 * share:.1f}%: uniform crops"
+
 def detect(root: Path) -> dict[str, Any]:
     """The data keys for the layout at `root`: folder (images/ and masks/, or train/ and val/ with those
     inside), a CVAT export (folder or zip), labelme JSON files or a COCO JSON."""
@@ -236,19 +248,13 @@ def plan(fp: Fingerprint, device: str = "cpu", time_limit: float | None = None, 
     add("data.crop_size", crop, f"median image {w}x{h}{across}; at most {d['crop']} on {device}")
     batch = max(2, min(2 * d["batch"], round(d["batch"] * (d["crop"] / crop) ** 2)))
     add("train.batch_size", batch, f"{d['batch']} crops of {d['crop']}² on {device}, scaled to crops of {crop}²")
-    named = list(zip(fp.classes, fractions))[1:] or list(zip(fp.classes, fractions))
-    rarest, share = min(named, key=lambda item: item[1])
-    if share < RARE:
-        add("data.foreground_crops", FOREGROUND_CROPS,
-            f"{rarest} covers {100 * share:.1f}% of the pixels: a third of the crops hold foreground, as nnU-Net's")  # fmt: skip
-    else:
-        add("data.foreground_crops", 0.0, f"rarest class {rarest} covers {100 * share:.1f}%: uniform crops")
+    value, why = foreground_crops(fp.classes, fractions)
+    add("data.foreground_crops", value, why)
     add("data.augment", "default", f"the {kind} family (see data.kind)")
     add("model.arch", "unet", "")
     add("model.encoder", "resnet34", "")
     add("model.encoder_weights", None, "imagenet: smp's weights, downloaded once (the largest gain on small data)")
-    add("train.loss", "dice_ce", f"{rarest} {100 * share:.1f}% of the pixels: the Dice term keeps a rare class from vanishing"
-        if share < RARE else "Dice + cross-entropy")
+    add("train.loss", "dice_ce", "Dice + cross-entropy" + (": the Dice term keeps a rare class from vanishing" if value else ""))
     minutes = time_limit if time_limit is not None else d["minutes"]
     add("train.steps", d["steps"], f"{d['steps']} steps of {batch} crops: {d['steps'] * batch / max(fp.train, 1):.0f} "
         f"passes over the {fp.train} training images, if the time limit allows")  # fmt: skip

@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from seg.config import Config
-from seg.data.samples import Sample, check_samples, find_samples
+from seg.config import Config, DataConfig
+from seg.data.samples import Sample, check_samples, find_samples, load_pair
 from seg.models import build_model
 from training.data import SegmentationDataset, build_augmentation
 from training.distributed import Dist, sync_batchnorm
+from training.plan import foreground_crops
 from training.schedule import validation_interval
 
 
@@ -37,6 +39,9 @@ def load_data(cfg: Config, log: Callable[[str], None]) -> tuple[list[Sample], li
     train_samples, val_samples = find_samples(data)
     log(f"data: {len(train_samples)} training and {len(val_samples)} validation images; checking them")
     cache = check_samples(train_samples + val_samples, data)
+    if data.foreground_crops == "auto":
+        data.foreground_crops, why = foreground_crops(data.classes, class_fractions(train_samples, data, cache))
+        log(f"data.foreground_crops auto: {data.foreground_crops:g} ({why})")
     augment = build_augmentation(data, cfg.train.seed)
     train_set = SegmentationDataset(train_samples, data, augment, cache, cfg.train.border_weight)
     return train_samples, val_samples, train_set, SegmentationDataset(val_samples, data, None, cache)
@@ -58,3 +63,12 @@ def plan_length(cfg: Config, train_set: SegmentationDataset, val_set: Segmentati
     total_steps = t.steps or t.epochs * steps_per_epoch
     val_pixels = sum(val_set.load(i)[1].size for i in range(len(val_set)))
     return steps_per_epoch, total_steps, validation_interval(cfg, steps_per_epoch, total_steps, val_pixels, world)
+
+
+def class_fractions(samples: list[Sample], data: DataConfig, cache: dict) -> list[float]:
+    """Each class's share of the labelled pixels of `samples` (read from `cache`, else from disk)."""
+    counts = np.zeros(data.num_classes, np.int64)
+    for sample in samples:
+        mask = cache[sample.name][1] if sample.name in cache else load_pair(sample, data)[1]
+        counts += np.bincount(mask[mask != data.ignore_index].ravel(), minlength=data.num_classes)[: data.num_classes]
+    return (counts / max(int(counts.sum()), 1)).tolist()
