@@ -94,3 +94,29 @@ def stop_on_signals() -> None:
 
         signal.signal(number, handler)
 
+
+def header_deadline(seconds: float) -> None:
+    """Close a connection whose first request's headers are not all in `seconds` after it opened. Uvicorn,
+    which BentoML runs, has no such deadline: a client sending its headers a byte at a time held its
+    connection for ever. (Later requests on a kept-alive connection have uvicorn's keep-alive timeout.)"""
+    import importlib
+
+    for module, name in (("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+                         ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")):  # fmt: skip
+        try:
+            protocol = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # httptools is optional
+            continue
+        if getattr(protocol, "header_deadline", None) is not None:
+            continue
+
+        def connection_made(self, transport, *args, _original=protocol.connection_made, **kwargs):
+            _original(self, transport, *args, **kwargs)
+
+            def expire() -> None:
+                if self.cycle is None and not transport.is_closing():
+                    transport.close()
+
+            self.loop.call_later(seconds, expire)
+
+        protocol.connection_made, protocol.header_deadline = connection_made, seconds

@@ -42,7 +42,7 @@ from seg.inference.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
 from seg.io import images as imageio
 from seg.io.headers import header_shape
 from serving.gate import Gate
-from serving.lifecycle import TooLarge, client_errors, request_check, stop_on_signals
+from serving.lifecycle import TooLarge, client_errors, header_deadline, request_check, stop_on_signals
 from serving.responses import display_bands, encode_bands, overlay_bands, png_bytes, run_lengths, timing
 from serving.settings import Settings
 
@@ -222,7 +222,8 @@ class Segmentation:
             limits={"max_bytes": s.max_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                     "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
                     "overlap": [0.0, MAX_OVERLAP], "tta": list(TTA_LEVELS), "timeout": s.timeout,
-                    "concurrency": s.concurrency, "body_timeout": s.body_timeout, "min_body_rate": s.min_body_rate},
+                    "concurrency": s.concurrency, "header_timeout": s.header_timeout,
+                    "body_timeout": s.body_timeout, "min_body_rate": s.min_body_rate},
         )  # fmt: skip
 
     def _predict(
@@ -257,6 +258,7 @@ def label_metrics_by_route(known: Iterable[str]) -> None:
     Metrics.__call__, Metrics.labelled_by_route = call, True
 
 
+header_deadline(SETTINGS.header_timeout)
 label_metrics_by_route([method.route for method in Segmentation.apis.values()]
                        + ["/", "/metrics", "/livez", "/readyz", "/healthz", "/docs.json", "/ui"])
 Segmentation.add_asgi_middleware(

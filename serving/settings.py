@@ -31,6 +31,7 @@ class Settings:
     timeout: float = 300.0
     concurrency: int = 32
     workers: int = 1
+    header_timeout: float = 60.0  # seconds a new connection has to send its request headers (nginx's client_header_timeout)
     body_timeout: float = 60.0  # most seconds between two reads of a request body (nginx's client_body_timeout)
     min_body_rate: int = 65536  # bytes/s a body must average once it has taken BODY_GRACE seconds
 
@@ -71,6 +72,7 @@ class Settings:
             timeout=number("SEG_TIMEOUT", float, cls.timeout, 0.1),
             concurrency=number("SEG_CONCURRENCY", int, cls.concurrency, 1),
             workers=number("SEG_WORKERS", int, cls.workers, 1),
+            header_timeout=number("SEG_HEADER_TIMEOUT", float, cls.header_timeout, 0.1),
             body_timeout=number("SEG_BODY_TIMEOUT", float, cls.body_timeout, 0.1),
             min_body_rate=number("SEG_MIN_BODY_RATE", int, cls.min_body_rate, 1),
         )

@@ -24,7 +24,7 @@ from seg.inference.runtime import BUNDLED_MODEL
 
 @pytest.fixture(scope="module")
 def trickled(conv_onnx, tmp_path_factory) -> Iterator[Server]:
-    env = {"SEG_CONCURRENCY": "8", "SEG_BODY_TIMEOUT": "5", "SEG_DEVICE": "cpu"}
+    env = {"SEG_CONCURRENCY": "8", "SEG_BODY_TIMEOUT": "5", "SEG_HEADER_TIMEOUT": "5", "SEG_DEVICE": "cpu"}
     with running_server(conv_onnx, tmp_path_factory.mktemp("trickled"), **env) as s:
         yield s
 
@@ -87,6 +87,27 @@ def test_trickling_uploads_hold_no_slot_and_are_closed(trickled, png):
         for sock in socks:
             sock.close()
     assert results == [(408, True)] * 8
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(trickled):
+    """SEG_HEADER_TIMEOUT=5: a connection still sending its request headers 5 s after it opened is closed."""
+    host, port = trickled.url.removeprefix("http://").split(":")
+    closed_after = None
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.settimeout(0.5)  # each read waits half a second: the pace of the bytes sent
+        start = time.monotonic()
+        for byte in b"POST /segment HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 60:
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except TimeoutError:
+                continue  # still open
+            except OSError:  # reset by the server
+                closed_after = time.monotonic() - start
+                break
+    assert closed_after is not None and 4.5 < closed_after < 10
 
 
 def test_a_stalled_body_is_answered_408(trickled):
