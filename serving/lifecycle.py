@@ -20,15 +20,12 @@ DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("deadline")  # 
 GONE: contextvars.ContextVar[threading.Event] = contextvars.ContextVar("gone")  # set when the client disconnects
 
 
-
 class TooLarge(SegError):
     """An image with more pixels than the server takes."""
 
 
-
 class TimedOut(SegError):
     """A request past its deadline."""
-
 
 
 class ClientGone(SegError):
@@ -39,9 +36,7 @@ class ShuttingDown(SegError):
     """A request still running when the server was told to stop."""
 
 
-
 STATUS = {TooLarge: 413, ClientGone: 499, ShuttingDown: 503, TimedOut: 504}  # any other SegError: 400
-
 
 
 def client_errors(endpoint):
@@ -55,7 +50,6 @@ def client_errors(endpoint):
             return JSONResponse({"error": str(err)}, status_code=STATUS.get(type(err), 400))
 
     return answer
-
 
 
 def request_check(timeout: float) -> Callable[[], None]:
@@ -75,7 +69,6 @@ def request_check(timeout: float) -> Callable[[], None]:
             raise TimedOut(f"not answered within {timeout:g} seconds (SEG_TIMEOUT)")
 
     return check
-
 
 
 def stop_on_signals() -> None:

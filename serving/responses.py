@@ -19,7 +19,6 @@ from seg.io.writers import band_writer
 BAND_PIXELS = 1 << 20  # pixels of an overlay made at a time
 
 
-
 def display_bands(image: np.ndarray, check: Callable[[], None]) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, 8-bit RGB band) of about BAND_PIXELS pixels each, every band stretched by one display
     range (from the same sample as `Predictor.predict_file`'s), so that no whole-image copy is made."""
@@ -30,14 +29,12 @@ def display_bands(image: np.ndarray, check: Callable[[], None]) -> Iterator[tupl
         yield y, imageio.to_display_rgb(image[y : y + rows], shown)
 
 
-
 def overlay_bands(
     image: np.ndarray, mask: np.ndarray, palette: list, alpha: float, check: Callable[[], None]
 ) -> Iterator[np.ndarray]:
     """The overlay as 8-bit RGB row bands (`display_bands`) with the mask's classes blended in."""
     for y, rgb in display_bands(image, check):
         yield imageio.overlay(rgb, mask[y : y + len(rgb)], palette, alpha)
-
 
 
 def encode_bands(bands: Iterator[np.ndarray], height: int, width: int, format: str) -> bytes:
@@ -58,18 +55,15 @@ def encode_bands(bands: Iterator[np.ndarray], height: int, width: int, format: s
     return buffer.getvalue()
 
 
-
 def timing(result: Prediction) -> dict[str, str]:
     """The predictor's share of the request time, as a standard Server-Timing header."""
     return {"Server-Timing": f"predict;dur={result.seconds * 1000:.1f}"}
-
 
 
 def png_bytes(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
 
 
 def run_lengths(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,6 @@ from seg.models import build_model
 from conftest import em_crops
 
 
-
 @pytest.fixture(scope="module")
 def resnet_file(tmp_path_factory):
     """Factory: a torchvision resnet18/resnet34 state dict saved with torch.save, and the network itself."""

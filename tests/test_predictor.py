@@ -263,7 +263,6 @@ def test_banded_overlay_of_a_16_bit_image_is_the_whole_image_overlay(conv_onnx_f
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected)
 
 
-
 @pytest.mark.parametrize(
     ("stored", "expected"),
     [((80, 96), (80, 96, 1)), ((80, 96, 3), (80, 96, 3)), ((2, 80, 96), (80, 96, 2)), ((1, 80, 96, 4), (80, 96, 4))],

@@ -15,7 +15,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision only on CUDA: bf16 where supported, else fp16."""
     if device.type != "cuda" or setting == "off":

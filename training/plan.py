@@ -75,7 +75,6 @@ class Fingerprint:
         }  # fmt: skip
 
 
-
 def foreground_crops(classes: list[str], fractions: list[float]) -> tuple[float, str]:
     """The share of training crops drawn around foreground, and why: FOREGROUND_CROPS (nnU-Net's third) when
     the rarest class other than 0 covers under RARE of the pixels, else none. `seg plan` and

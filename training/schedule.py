@@ -22,7 +22,6 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-
 def lr_factor(cfg: Config, progress: float, epoch_float: float) -> float:
     """The learning-rate multiplier at `progress` in [0, 1] of the run (by steps, or by time with a budget)."""
     t = cfg.train
@@ -34,7 +33,6 @@ def lr_factor(cfg: Config, progress: float, epoch_float: float) -> float:
     if t.scheduler == "poly":
         return (1 - progress) ** 0.9
     return 1.0
-
 
 
 # A validation pixel costs about 2/3 of a training pixel: a forward pass is about a third of forward and
@@ -55,7 +53,6 @@ def validation_interval(cfg: Config, steps_per_epoch: int, total_steps: int, val
         return t.val_every * steps_per_epoch
     per_step = t.batch_size * t.accumulate * world * cfg.data.crop_size**2
     return max(steps_per_epoch, min(200, total_steps // 10), math.ceil(VAL_COST * val_pixels / per_step))
-
 
 
 class SeededSampler(Sampler):
@@ -91,7 +88,6 @@ class SeededSampler(Sampler):
                     yield int(order[i]), int(seeds[i])
 
 
-
 class SeededSamples(Dataset):
     """`dataset[index]` with its augmentation seeded first; items are `SeededSampler`'s (index, seed) pairs,
     so loader processes need no seeding of their own."""
@@ -107,7 +103,6 @@ class SeededSamples(Dataset):
         if self.dataset.transform is not None:
             self.dataset.transform.set_random_seed(seed)
         return self.dataset[index]
-
 
 
 class Meter:

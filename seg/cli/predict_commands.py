@@ -60,7 +60,6 @@ def predict(
         raise typer.Exit(1)
 
 
-
 @app.command("merge-summaries")
 @user_errors
 def merge_summaries(out: Path = typer.Argument(..., help="The --out folder of a run split with --num-parts.")):
@@ -75,7 +74,6 @@ def merge_summaries(out: Path = typer.Argument(..., help="The --out folder of a 
     )  # fmt: skip
     if not merged["complete"] or merged["failed"]:
         raise typer.Exit(1)
-
 
 
 @app.command()
@@ -110,7 +108,6 @@ def serve(
     err.print(f"serving {path} on http://{host}:{port} (the page at /ui/, the API schema at /docs.json, health at /readyz)", soft_wrap=True)
     sys.stderr.flush()
     os.execve(sys.executable, command, env)  # become the server: signals reach it directly
-
 
 
 @app.command()

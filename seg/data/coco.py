@@ -17,7 +17,6 @@ from seg.data.common import Sample, check_size, colour_keys, read_json
 from seg.errors import DataError
 
 
-
 def is_panoptic(doc: dict) -> bool:
     annotations = doc.get("annotations") or []
     return bool(annotations) and "segments_info" in annotations[0]

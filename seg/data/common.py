@@ -33,7 +33,6 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON ({err})") from None
 
 
-
 def annotation_path(data: dict[str, Any] | Any, root: Path, key: str = "annotations") -> Path:
     value = get_field(data, key)
     if value is None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from seg.errors import DataError
 
 
-
 def labelmap(root: Path) -> dict[str, list[int]]:
     """label -> [r, g, b] from CVAT's labelmap.txt (`name:r,g,b:parts:actions`, # for comments)."""
     path = root / "labelmap.txt"

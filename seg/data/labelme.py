@@ -19,7 +19,6 @@ LABELME_POINTS = {"polygon": 3, "rectangle": 2, "circle": 2, "line": 2, "linestr
 LINE_WIDTH, POINT_RADIUS = 10, 5  # labelme's `shape_to_mask` defaults
 
 
-
 def labelme_files(data, root: Path) -> list[Path]:
     folder = root / (get_field(data, "annotations") or ".")
     if not folder.is_dir():

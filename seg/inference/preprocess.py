@@ -43,7 +43,6 @@ def effective_mode(norm: Normalization, dtype: np.dtype) -> str:
     return "fixed" if np.dtype(dtype).itemsize == 1 else "percentile"
 
 
-
 def intensity_range(image: np.ndarray, norm: Normalization, max_samples: int = 4_000_000) -> tuple[float, float]:
     """The (low, high) input values that map to 0 and 1, before mean/std."""
     if effective_mode(norm, image.dtype) == "fixed":

@@ -206,7 +206,6 @@ def png_size(head: bytes) -> tuple[int, int] | None:
 PIXELS_PER_BYTE = {"png": 8 * 1032, "jpeg": 256, "bmp": 128}
 
 
-
 def check_plausible_size(path: Path) -> None:
     """ImageError when the header claims more pixels than the file's bytes can hold (a corrupt header
     would otherwise have a huge image allocated and predicted)."""

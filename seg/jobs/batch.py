@@ -166,7 +166,6 @@ def run_batch(
     return summary
 
 
-
 def _with_planned(predictor, options, jobs, records, skips, previous, progress, ray, console):
     """Failed and skipped jobs' entries at once, then the others' from Ray as its actors finish them."""
     from seg.jobs.ray_runner import ray_results
@@ -178,7 +177,6 @@ def _with_planned(predictor, options, jobs, records, skips, previous, progress, 
         else:
             todo.append(i)
     yield from ray_results(predictor, options, [(i, jobs[i], records[i]) for i in todo], console=console, **ray)
-
 
 
 def _image_done(progress: Progress, job: Job, entry: dict[str, Any]) -> None:

@@ -36,7 +36,6 @@ def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
     return model, items
 
 
-
 def expand_inputs(items: Sequence[str], exclude: Path | None = None) -> list[Job]:
     """Image files from files, folders (recursive) and globs; missing ones become failed jobs.
 
@@ -81,13 +80,11 @@ def expand_inputs(items: Sequence[str], exclude: Path | None = None) -> list[Job
     return jobs
 
 
-
 def _glob_base(pattern: str) -> Path:
     """The folder part of a glob before its first wildcard."""
     parts = Path(pattern).parts
     fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
     return Path(*fixed) if fixed else Path(".")
-
 
 
 def _inside_relative(relative: Path, path: Path) -> Path:
@@ -98,10 +95,8 @@ def _inside_relative(relative: Path, path: Path) -> Path:
     return folded
 
 
-
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
-
 
 
 def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilities: bool, confidence: bool) -> None:
@@ -131,7 +126,6 @@ def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilit
             owners[mask] = job.source
 
 
-
 def _lands_inside(path: Path, root: Path) -> bool:
     """True when `path`, with every symbolic link on it followed, lies under `root` (already resolved)."""
     try:
@@ -140,14 +134,12 @@ def _lands_inside(path: Path, root: Path) -> bool:
         return False
 
 
-
 def is_done(job: Job) -> bool:
     """True when every output of the job exists whole, with the input's size."""
     size = image_size(job.source)
     if size is None:
         return False
     return all(output_is_whole(path, *size) for path in job.outputs.values())
-
 
 
 def check_writable(out: Path) -> None:

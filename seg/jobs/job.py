@@ -27,7 +27,6 @@ class Job:
     slices: int = 1  # of a TIFF stack (read once, when the outputs are planned)
 
 
-
 def run_job(
     predictor: Predictor, options: TilingOptions, job: Job, skip: bool, made_with: dict[str, Any] | None, previous: dict[str, dict],
     progress: Progress,
@@ -58,7 +57,6 @@ def run_job(
     if "slices" in result:
         entry["note"] = f"a stack of {result['slices']} slices: one page per slice in multi-page TIFFs"
     return {**entry, **{k: result[k] for k in keep if k in result}, "made_with": made_with, "status": "ok"}
-
 
 
 def _tile_bar(progress: Progress, job: Job, predictor: Predictor, options: TilingOptions):

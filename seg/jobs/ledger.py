@@ -61,7 +61,6 @@ def merge_summaries(out: str | Path) -> dict[str, Any]:
     return merged
 
 
-
 class SummaryFile:
     """summary.json, replaced atomically as images finish: after every image, unless writing it would take
     more than about a tenth of the time (very many small images); then as often as that allows."""
@@ -79,7 +78,6 @@ class SummaryFile:
         self.cost = self.last - now
 
 
-
 @functools.lru_cache(maxsize=8)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
@@ -89,12 +87,10 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-
 def file_sha256(path: str | Path) -> str:
     """The file's SHA-256 in hex, computed once per file version (path, size, modification time)."""
     st = os.stat(path)
     return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
 
 
 def made_with(job: Job, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -104,7 +100,6 @@ def made_with(job: Job, settings: dict[str, Any]) -> dict[str, Any] | None:
     except OSError:
         return None
     return {**settings, "input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns}
-
 
 
 def same_making(job: Job, made_with: dict[str, Any] | None, old: dict[str, Any] | None) -> bool:
@@ -118,7 +113,6 @@ def same_making(job: Job, made_with: dict[str, Any] | None, old: dict[str, Any] 
         made_with is not None and old is not None and recorded == made_with
         and set(job.outputs) <= set(old.get("outputs", {})) and is_done(job)
     )  # fmt: skip
-
 
 
 def previous_entries(path: Path) -> dict[str, dict]:
