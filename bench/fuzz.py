@@ -28,7 +28,6 @@ from service import start_server, stop_server  # noqa: E402
 from seg.inference.runtime import BUNDLED_MODEL  # noqa: E402
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=400)

@@ -71,4 +71,3 @@ def run_lengths(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = mask.ravel()
     starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
     return flat[starts], np.diff(np.append(starts, flat.size))
-

@@ -294,5 +294,3 @@ def read_upload(path: Path, limits: Settings, model_channels: int) -> np.ndarray
     if channels > 4 and channels != model_channels:  # e.g. a stack of many pages: refuse before decoding
         raise ImageError(f"image has {channels} channels; the model takes {model_channels}")
     return imageio.decode_image(data, "image")
-
-

@@ -283,6 +283,7 @@ def test_tiff_layouts_read_alike_whole_and_by_bands(tmp_path, stored, expected):
     for array in (whole, decoded):
         assert np.array_equal(array.reshape(expected), bands)
 
+
 def _save_png(image: np.ndarray, path):
     Image.fromarray(image).save(path)
     return path

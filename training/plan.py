@@ -86,6 +86,7 @@ def foreground_crops(classes: list[str], fractions: list[float]) -> tuple[float,
         return FOREGROUND_CROPS, why
     return 0.0, f"rarest class {rarest} covers {100 * share:.1f}%: uniform crops"
 
+
 def detect(root: Path) -> dict[str, Any]:
     """The data keys for the layout at `root`: folder (images/ and masks/, or train/ and val/ with those
     inside), a CVAT export (folder or zip), labelme JSON files or a COCO JSON."""

@@ -63,6 +63,7 @@ def user_errors(fn):
 
     return wrapper
 
+
 PRECISION = typer.Option(
     "auto", "--precision",
     help="auto (on the CPU, MODEL.int8.onnx beside MODEL.onnx when there is one), fp32 (the file as named) or int8.",

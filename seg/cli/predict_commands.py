@@ -134,4 +134,3 @@ def models(
             s = summarize(a, e, classes, in_channels, height, width)
             table.add_row(a, e, f"{s['params'] / 1e6:.1f}", f"{s['macs'] / 1e9:.1f}")
     Console().print(table)
-

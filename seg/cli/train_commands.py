@@ -272,4 +272,3 @@ def data_check(
         err.print(f"{count} problem{'s' if count > 1 else ''}" if count else "no problems found")
     if report.problems:
         raise typer.Exit(1)
-

@@ -292,4 +292,3 @@ def _png_exif(f) -> bytes | None:
         if kind == b"IEND":
             return None
         f.seek(length + 4, os.SEEK_CUR)
-

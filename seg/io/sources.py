@@ -248,5 +248,3 @@ def _read_whole(path: Path) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 2:  # grey + alpha
         image = image[..., :1]
     return orient(image, exif_orientation(path))  # as Pillow's path turns it
-
-

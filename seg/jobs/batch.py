@@ -190,4 +190,3 @@ def _image_done(progress: Progress, job: Job, entry: dict[str, Any]) -> None:
     else:
         line = Text(f"ok {job.source} -> {job.outputs['mask']} ({entry['width']}x{entry['height']}, {entry['seconds']:.2f} s)")
     progress.line(line, above_bar=status == "failed")
-

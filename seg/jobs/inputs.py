@@ -153,4 +153,3 @@ def check_writable(out: Path) -> None:
     except OSError as e:
         who = f"user {os.getuid()}" if hasattr(os, "getuid") else "this user"
         raise SegError(f"--out {out}: {who} cannot write here ({e.strerror or e})") from None
-

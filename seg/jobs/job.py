@@ -68,4 +68,3 @@ def _tile_bar(progress: Progress, job: Job, predictor: Predictor, options: Tilin
     if tiles <= LARGE_IMAGE_TILES:
         return None
     return progress.sub(f"  tiles of {job.relative}", tiles)
-

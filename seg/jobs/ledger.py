@@ -126,4 +126,3 @@ def previous_entries(path: Path) -> dict[str, dict]:
         }  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
-
