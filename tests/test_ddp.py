@@ -1,6 +1,6 @@
 """Training under torchrun: 2 gloo processes on the CPU train one model, as one process with twice the
 batch would, and only rank 0 writes; validation equals single-process evaluation; a run whose rank died
-resumes to where an unbroken run ends."""
+resumes to where an unbroken run ends; both RefineNets train under it too."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from rich.console import Console
 
+from seg import build_model
 from seg.config import load_config
 from training.evaluate import evaluate
 from training.train import Trainer
@@ -111,3 +113,23 @@ def test_a_run_whose_rank_died_resumes_to_where_an_unbroken_run_ends(ddp_run):
     whole = torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(whole[k].float(), resumed[k].float(), atol=1e-5) for k in whole)
+
+
+@pytest.mark.parametrize("arch", ["refinenet", "refinenet_lw"])
+def test_refinenets_train_under_torchrun_with_every_parameter_used(tmp_path, arch):
+    """DDP runs without find_unused_parameters: a parameter outside the loss's graph would stop the
+    second step. Both RefineNets, batch norm in their decoders, 2 processes, 4 steps."""
+    data = em_crops(tmp_path / "em", 6, slice(100, 196), slice(50, 178))
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", **{**TRAIN, "epochs": 1, "steps_per_epoch": 4})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = {"arch": arch, "encoder": "resnet18", "options": {"channels": [64, 32, 32, 32]}}
+    cfg.write_text(yaml.safe_dump(raw))
+    r = torchrun(PROBE, cfg, tmp_path / "notes")
+    assert r.returncode == 0, r.stderr[-3000:]
+    zero, one = notes(tmp_path / "notes")
+    assert zero["same_weights"] == one["same_weights"] == [True] * 4
+    losses = [float(r["train_loss"]) for r in rows(tmp_path / "run")]
+    assert rows(tmp_path / "run")[-1]["step"] == "4" and all(0 < x < 10 for x in losses)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    model = build_model(arch, encoder="resnet18", classes=2, in_channels=1, channels=[64, 32, 32, 32])
+    model.load_state_dict(ckpt["model"])  # the plain model's names, no "module." prefix
