@@ -93,6 +93,37 @@ def test_a_killed_run_resumes_to_the_same_result(em_folder, tmp_path, train):
         assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), key
 
 
+def test_a_refinenet_run_saved_without_decoder_batch_norm_resumes_and_a_changed_model_is_one_line(em_folder, tmp_path):
+    """Runs begun before RefineNet's decoder gained batch norm resume in their own layout; a run whose
+    config now builds another model is refused in one line."""
+    cfg = write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", epochs=1)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = {"arch": "refinenet_lw", "encoder": "resnet18", "options": {"channels": [32, 16, 16, 16], "norm": False}}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert seg("train", cfg).returncode == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["model_kwargs"]["norm"]  # as such a run's checkpoint holds it
+    torch.save(ckpt, last)
+    del raw["model"]["options"]["norm"]
+    raw["train"]["epochs"] = 2
+    cfg.write_text(yaml.safe_dump(raw))
+
+    r = seg("train", cfg, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and last_row(tmp_path / "run")["epoch"] == "2"
+    kwargs = torch.load(last, weights_only=True)["model_kwargs"]
+    assert kwargs["norm"] is False  # the run goes on in its own layout, and says so
+
+    raw["model"]["encoder"] = "resnet34"
+    raw["train"]["epochs"] = 3
+    cfg.write_text(yaml.safe_dump(raw))
+    r = seg("train", cfg, "--resume")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert "do not fit the model the config builds" in error and len(error) < 300
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -71,14 +71,19 @@ def load_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
     return ckpt
 
 
+def saved_layout(kwargs: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with what the saved `weights` say of the layout: RefineNet decoders had no batch norm
+    before it became the default, so such weights are read (and resumed) as they are."""
+    if kwargs.get("arch", "").startswith("refinenet") and "norm" not in kwargs:
+        decoder = [k for k in weights if not k.startswith("net.encoder.")]
+        kwargs = {**kwargs, "norm": any(".bn1." in k or ".norms." in k for k in decoder)}
+    return kwargs
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> SegModel:
     kwargs = dict(ckpt["model_kwargs"])
     kwargs.pop("encoder_weights", None)
-    if kwargs.get("arch", "").startswith("refinenet") and "norm" not in kwargs:
-        # RefineNet decoders had no batch norm before it became the default: read such weights as they are.
-        decoder = [k for k in ckpt["model"] if not k.startswith("net.encoder.")]
-        kwargs["norm"] = any(".bn1." in k or ".norms." in k for k in decoder)
-    model = build_model(**kwargs)
+    model = build_model(**saved_layout(kwargs, ckpt["model"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -13,6 +13,7 @@ from torch import nn
 from seg.config import Config, DataConfig
 from seg.data.samples import Sample, check_samples, find_samples, load_pair
 from seg.models import build_model
+from training.checkpoint import saved_layout
 from training.data import SegmentationDataset, build_augmentation
 from training.distributed import Dist, sync_batchnorm
 from training.plan import foreground_crops
@@ -47,10 +48,15 @@ def load_data(cfg: Config, log: Callable[[str], None]) -> tuple[list[Sample], li
     return train_samples, val_samples, train_set, SegmentationDataset(val_samples, data, None, cache)
 
 
-def build_model_on(cfg: Config, device: torch.device, dist: Dist, channels_last: bool) -> tuple[dict[str, Any], nn.Module]:
-    """The model's keyword arguments (as checkpoints record them) and the model, seeded, on `device`."""
+def build_model_on(
+    cfg: Config, device: torch.device, dist: Dist, channels_last: bool, saved: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], nn.Module]:
+    """The model's keyword arguments (as checkpoints record them) and the model, seeded, on `device`;
+    laid out as the `saved` checkpoint's weights when a run resumes."""
     torch.manual_seed(cfg.train.seed)
     kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.model_kwargs().items()}
+    if saved is not None:
+        kwargs = saved_layout(kwargs, saved.get("raw_model", saved["model"]))
     model = sync_batchnorm(build_model(**kwargs), device, dist).to(device)
     return kwargs, model.to(memory_format=torch.channels_last) if channels_last else model
 

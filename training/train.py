@@ -76,7 +76,8 @@ class Trainer:
 
         self.train_samples, self.val_samples, self.train_set, self.val_set = load_data(cfg, self.log)
         self.augment = self.train_set.transform
-        self.model_kwargs, self.model = build_model_on(cfg, self.device, self.dist, self.channels_last)
+        saved = load_checkpoint(last) if resume and last.exists() else None
+        self.model_kwargs, self.model = build_model_on(cfg, self.device, self.dist, self.channels_last, saved)
         self.train_model = self.dist.wrap(self.model, self.device)  # `model` itself stays unwrapped
         data = cfg.data
         self.loss_fn = build_loss(
@@ -101,8 +102,8 @@ class Trainer:
         self.callbacks += [EarlyStopping(t.patience)] if t.patience else []
         self.callbacks += callbacks or []
         self.callbacks += build_loggers(cfg, self.run_dir) if main else []  # output.loggers, after the caller's
-        if resume and last.exists():
-            self._restore(load_checkpoint(last))
+        if saved is not None:
+            self._restore(saved, last)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
@@ -324,8 +325,15 @@ class Trainer:
             state.update(raw_model=self.model.state_dict(), ema_updates=self.ema.updates)
         return state
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        weights, have = ckpt.get("raw_model", ckpt["model"]), self.model.state_dict()
+        misfits = sorted(have.keys() ^ weights.keys()) + [k for k in have if k in weights and have[k].shape != weights[k].shape]
+        if misfits:
+            raise SegError(
+                f"{path}: its weights do not fit the model the config builds ({len(misfits)} tensors differ, "
+                f"first {misfits[0]}); was the model section changed after the run began?"
+            )
+        self.model.load_state_dict(weights)
         if self.ema:
             self.ema.load(ckpt["model"], ckpt.get("ema_updates", 1))
         self.optimizer.load_state_dict(ckpt["optimizer"])
