@@ -1,5 +1,5 @@
-"""bench/accuracy.py's parts: the generated data sets, the bare smp loop on the real sets' file types, the
-template as a user edits it and equal steps for `seg train`."""
+"""bench/accuracy.py's and bench/architectures.py's parts: the generated data sets, the bare smp loop on the
+real sets' file types, the template as a user edits it, equal steps for `seg train`, the architecture table."""
 
 from __future__ import annotations
 
@@ -95,3 +95,22 @@ def test_seg_train_gets_the_template_with_the_users_lines_and_the_steps(tmp_path
 
     cfg = load_config(config, accuracy.step_overrides(steps))
     assert cfg.train.steps == steps and cfg.train.time_limit_minutes is None
+
+
+def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean_and_spread(tmp_path):
+    import architectures
+
+    def template_row(name, seed, iou, minutes=None):
+        return {"set": name, "seed": seed, "steps": 100, "minutes": minutes,
+                "seg": {"train_seconds": 1000.0, "iou": iou}, "bare": {"iou": 0.0}}  # fmt: skip
+
+    baseline = tmp_path / "accuracy.json"
+    baseline.write_text(json.dumps([template_row("horses", 0, 0.6), template_row("horses", 1, 0.7),
+                                    template_row("horses", 0, 0.1, minutes=15), template_row("ph2", 0, 0.5)]))  # fmt: skip
+    unet = architectures.unet_rows(baseline, ["horses"], [0, 1], 100)
+    assert [(r["arch"], r["seed"], r["iou"]) for r in unet] == [("unet", 0, 0.6), ("unet", 1, 0.7)]
+    rows = unet + [{"set": "horses", "seed": s, "arch": "refinenet_lw", "steps": 100, "train_seconds": 2000.0,
+                    "iou": iou} for s, iou in ((0, 0.5), (1, 0.6))]  # fmt: skip
+    lines = architectures.table(rows, {"set": "horses", "unet": 1.25, "refinenet_lw": 0.5}).splitlines()
+    assert lines[2] == "| horses | unet | 2 | 0.650 ± 0.071 | 10.00 | 1.25 |"
+    assert lines[3] == "| horses | refinenet_lw | 2 | 0.550 ± 0.071 | 20.00 | 0.50 |"
