@@ -211,3 +211,21 @@ def test_default_validation_costs_at_most_a_tenth_of_the_training(em_folder, tmp
     t = trainer(em_folder, tmp_path / "run2", epochs=24, steps_per_epoch=1, batch_size=2, val_every=None)
     t.fit()
     assert [int(r["step"]) for r in rows(tmp_path / "run2")] == [24]  # 18 is within 9 of the end
+
+
+def test_start_up_reads_each_image_once_without_the_cache(em_folder, tmp_path, monkeypatch):
+    """Checking the data, `foreground_crops: auto` and the validation cadence share one read of each pair."""
+    import seg.data.samples as samples
+    import training.data
+    import training.setup
+
+    reads, load_pair = [], samples.load_pair
+    for module in (samples, training.data, training.setup):  # wherever the reader is bound
+        if hasattr(module, "load_pair"):
+            monkeypatch.setattr(module, "load_pair", lambda s, data: reads.append(s.name) or load_pair(s, data))
+    cfg = load_config(write_config(tmp_path / "c.yaml", em_folder, tmp_path / "run", val_every=None),
+                      ["data.cache=false", "data.foreground_crops=auto"])  # fmt: skip
+    t = Trainer(cfg, console=Console(quiet=True))
+    assert sorted(reads) == sorted(s.name for s in t.train_samples + t.val_samples)  # 8 images, once each
+    assert t.cfg.data.foreground_crops == 0  # membranes are not rare
+    assert t.val_interval == math.ceil(6 * 2 * 96 * 128 / (2 * 64 * 64))

@@ -74,7 +74,7 @@ class Trainer:
         self.amp = amp_dtype(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else self.device.type == "cuda"
 
-        self.train_samples, self.val_samples, self.train_set, self.val_set = load_data(cfg, self.log)
+        self.train_samples, self.val_samples, self.train_set, self.val_set, survey = load_data(cfg, self.log)
         self.augment = self.train_set.transform
         saved = load_checkpoint(last) if resume and last.exists() else None
         self.model_kwargs, self.model = build_model_on(cfg, self.device, self.dist, self.channels_last, saved)
@@ -86,7 +86,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         t = cfg.train
-        self.steps_per_epoch, self.total_steps, self.val_interval = plan_length(cfg, self.train_set, self.val_set, self.dist.world)
+        self.steps_per_epoch, self.total_steps, self.val_interval = plan_length(cfg, self.train_set, survey.splits["val"]["area"], self.dist.world)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.step = 0  # optimiser steps done
         self.elapsed = 0.0  # seconds spent in training steps

@@ -3,7 +3,7 @@ VOC tree, or an annotation tool's export (COCO, labelme, CVAT: `seg.data.annotat
 
 `find_samples` lists the samples and splits them; `load_pair` reads one and checks image and mask against
 each other; `survey` reads every sample once, counting pixels per class and collecting every problem
-(`seg data check`); `check_samples` runs it before training so a bad file is reported up front.
+(`seg data check`); `checked_survey` runs it before training so a bad file is reported up front.
 No torch here: the torch data set is `training.data.SegmentationDataset`.
 """
 
@@ -200,7 +200,8 @@ def load_pair(sample: Sample, data: DataConfig) -> tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class Survey:
-    """What `survey` found: per split, images, pixels per class, ignored pixels and image sizes; problems."""
+    """What `survey` found: per split, images, pixels per class, ignored pixels, image sizes and the
+    images' total area; problems."""
 
     splits: dict[str, dict[str, Any]]
     problems: list[str]
@@ -216,7 +217,7 @@ def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False
     report = Survey({}, [])
     for split, samples in splits.items():
         pixels = np.zeros(data.num_classes, np.int64)
-        ignored, sizes = 0, Counter()
+        ignored, sizes, area = 0, Counter(), 0
         for sample in samples:
             try:
                 image, mask = load_pair(sample, data)
@@ -227,6 +228,7 @@ def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False
             pixels += counts[: data.num_classes]
             ignored += int((mask == data.ignore_index).sum())
             sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+            area += mask.size
             if keep:
                 report.cache[sample.name] = (image, mask)
         report.splits[split] = {
@@ -234,15 +236,21 @@ def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False
             "pixels": dict(zip(data.classes, pixels.tolist())),
             "ignored": ignored,
             "sizes": dict(sizes.most_common()),
+            "area": area,
         }
     return report
 
 
-def check_samples(samples: list[Sample], data: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read every pair once; raises DataError with the first problem (and how many more there are);
-    returns the pairs if caching."""
-    report = survey({"all": samples}, data, keep=data.cache)
+def checked_survey(splits: dict[str, list[Sample]], data: DataConfig) -> Survey:
+    """`survey` (keeping the pairs if `data.cache`), raising DataError with the first problem (and how many
+    more there are)."""
+    report = survey(splits, data, keep=data.cache)
     if report.problems:
         more = len(report.problems) - 1
         raise DataError(report.problems[0] + (f" (and {more} more problems: seg data check lists them)" if more else ""))
-    return report.cache
+    return report
+
+
+def check_samples(samples: list[Sample], data: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read every pair once; raises DataError with the first problem; returns the pairs if caching."""
+    return checked_survey({"all": samples}, data).cache
