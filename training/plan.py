@@ -152,7 +152,7 @@ def fingerprint(root: Path) -> Fingerprint:
     from scipy import ndimage
 
     from seg.config import validate_config
-    from seg.data.samples import find_samples, load_pair
+    from seg.data.samples import checked_survey, find_samples, load_pair
     from seg.errors import ConfigError
     from seg.io.images import read_image
 
@@ -179,19 +179,21 @@ def fingerprint(root: Path) -> Fingerprint:
     samples_per_image = max(1000, 2_000_000 // len(samples))
     pixels: list[np.ndarray] = []
     areas: list[list[int]] = [[] for _ in fp.classes]
-    for sample in samples:
-        image, mask = load_pair(sample, cfg.data)
+
+    def measure(image: np.ndarray, mask: np.ndarray) -> None:
         fp.heights.append(image.shape[0])
         fp.widths.append(image.shape[1])
         step = max(1, int(math.sqrt(image.shape[0] * image.shape[1] / samples_per_image)))
         pixels.append(image[::step, ::step].reshape(-1, image.shape[2]).astype(np.float32))
-        counts = np.bincount(mask[mask != cfg.data.ignore_index].ravel(), minlength=cfg.data.num_classes)
-        fp.class_pixels = [a + int(b) for a, b in zip(fp.class_pixels, counts)]
-        fp.ignored_pixels += int((mask == cfg.data.ignore_index).sum())
-        for c in range(1, cfg.data.num_classes):
-            if counts[c]:
-                labels, n = ndimage.label(mask == c)
+        for c in np.unique(mask).tolist():
+            if 0 < c < cfg.data.num_classes:
+                labels, _ = ndimage.label(mask == c)
                 areas[c].extend(np.bincount(labels.ravel())[1:].tolist())
+
+    cfg.data.cache = False
+    report = checked_survey({"all": samples}, cfg.data, each=measure)
+    fp.class_pixels = list(report.splits["all"]["pixels"].values())
+    fp.ignored_pixels = report.splits["all"]["ignored"]
     stacked = np.concatenate(pixels)
     fp.percentiles = [[round(float(v), 2) for v in np.percentile(stacked[:, i], (0.5, 50, 99.5))] for i in range(channels)]
     fp.object_size = [None] + [float(np.median(a)) if a else None for a in areas[1:]]

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -211,9 +211,15 @@ class Survey:
         return {"splits": self.splits, "problems": self.problems}
 
 
-def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False) -> Survey:
+def survey(
+    splits: dict[str, list[Sample]],
+    data: DataConfig,
+    keep: bool = False,
+    each: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> Survey:
     """Read every sample once, as training does; a bad sample is a problem, not the end of the survey.
-    With `keep`, the pairs read are kept in `cache` (for `data.cache`)."""
+    With `keep`, the pairs read are kept in `cache` (for `data.cache`); `each(image, mask)` is called with
+    every pair read (for measures of its own)."""
     report = Survey({}, [])
     for split, samples in splits.items():
         pixels = np.zeros(data.num_classes, np.int64)
@@ -229,6 +235,8 @@ def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False
             ignored += int((mask == data.ignore_index).sum())
             sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
             area += mask.size
+            if each is not None:
+                each(image, mask)
             if keep:
                 report.cache[sample.name] = (image, mask)
         report.splits[split] = {
@@ -241,10 +249,12 @@ def survey(splits: dict[str, list[Sample]], data: DataConfig, keep: bool = False
     return report
 
 
-def checked_survey(splits: dict[str, list[Sample]], data: DataConfig) -> Survey:
+def checked_survey(
+    splits: dict[str, list[Sample]], data: DataConfig, each: Callable[[np.ndarray, np.ndarray], None] | None = None
+) -> Survey:
     """`survey` (keeping the pairs if `data.cache`), raising DataError with the first problem (and how many
     more there are)."""
-    report = survey(splits, data, keep=data.cache)
+    report = survey(splits, data, keep=data.cache, each=each)
     if report.problems:
         more = len(report.problems) - 1
         raise DataError(report.problems[0] + (f" (and {more} more problems: seg data check lists them)" if more else ""))
