@@ -101,6 +101,38 @@ def test_tif_format_and_extra_outputs(conv_onnx, image_tree, tmp_path):
     assert (summary["tile"], summary["overlap"], summary["batch_size"], summary["tta"]) == (64, 0.5, 3, "flips")
 
 
+@pytest.mark.parametrize("size_tags", ["ome", "resolution"])
+def test_ome_tiff_format_is_a_pyramid_with_the_inputs_pixel_size(conv_onnx, em_image, tmp_path, size_tags):
+    import ome_types
+
+    image = np.tile(em_image, (5, 5))[:2100, :1500]  # levels of 2100, 1050 and 525 rows
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if size_tags == "ome":
+        tifffile.imwrite(folder / "slide.ome.tif", image, tile=(256, 256), compression="zlib",
+                         metadata={"axes": "YX", "PhysicalSizeY": 0.35, "PhysicalSizeX": 0.35,
+                                   "PhysicalSizeYUnit": "µm", "PhysicalSizeXUnit": "µm"})  # fmt: skip
+    else:  # 1 / 0.35 µm = 28571.4 pixels per centimetre
+        tifffile.imwrite(folder / "slide.ome.tif", image, resolution=(1e4 / 0.35, 1e4 / 0.35), resolutionunit="CENTIMETER")
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "ome", "--format", "ome-tiff", "--overlay")
+    assert code == 0, output
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "tif", "--format", "tif")
+    assert code == 0, output
+    mask = tifffile.imread(tmp_path / "tif" / "slide.ome.tif")
+    path = tmp_path / "ome" / "slide.ome.ome.tif"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["slide.ome.ome.tif", "slide.ome.overlay.png", "summary.json"]
+    with tifffile.TiffFile(path) as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+        pixels = ome_types.from_xml(tif.ome_metadata).images[0].pixels
+    assert [level.shape for level in levels] == [(2100, 1500), (1050, 750), (525, 375)]
+    assert np.array_equal(levels[0], mask) and np.array_equal(levels[2], mask[::4, ::4])
+    assert pixels.physical_size_x == pytest.approx(0.35) and pixels.physical_size_y == pytest.approx(0.35)
+    assert summary_of(tmp_path / "ome")["format"] == "ome-tiff"
+
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "ome", "--format", "ome-tiff")
+    assert code == 0 and "1 skipped" in output  # a whole OME-TIFF counts as done
+
+
 def test_rerun_skips_whole_outputs_and_redoes_partial_ones(conv_onnx, image_tree, tmp_path):
     out = tmp_path / "out"
     assert predict(conv_onnx, image_tree, "--out", out)[0] == 0

@@ -1,15 +1,19 @@
 """seg.io.writers: files written by row bands of any height equal the image, are renamed only when complete,
-and `output_is_whole` tells a finished file from a cut one."""
+and `output_is_whole` tells a finished file from a cut one; pyramidal OME-TIFFs read back by tifffile and
+ome-types, in memory bounded by a few bands."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
+import ome_types
 import pytest
 import tifffile
 from PIL import Image
 
 from seg.errors import SegError
-from seg.io.writers import band_writer, output_is_whole, page_writer
+from seg.io.writers import band_writer, output_is_whole, page_writer, pyramid_sizes
 
 from conftest import SAMPLES
 
@@ -48,7 +52,7 @@ def test_float_probabilities_go_to_tiff(tmp_path):
         _write(tmp_path / "p.png", probs)
 
 
-@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".ome.tif"])
 def test_a_failure_leaves_no_file(tmp_path, suffix):
     image = _em()
     with pytest.raises(RuntimeError, match="stop"):
@@ -64,3 +68,53 @@ def test_pages_are_one_stack(tmp_path):
         for page in pages:
             write(page)
     assert np.array_equal(tifffile.imread(tmp_path / "stack.tif"), np.stack(pages))
+
+
+def _mosaic(height: int, width: int) -> np.ndarray:
+    em = _em()
+    return np.tile(em, (-(-height // em.shape[0]), -(-width // em.shape[1])))[:height, :width]
+
+
+@pytest.mark.parametrize("height, width, levels", [(2300, 2900, 3), (1024, 700, 1), (1025, 40, 2)])
+def test_ome_tiff_is_a_pyramid_of_every_other_pixel_down_to_1024(tmp_path, height, width, levels):
+    image = _mosaic(height, width)
+    path = tmp_path / "mask.ome.tif"
+    with band_writer(path, height, width, np.uint8, pixel_size=(0.5, 0.25)) as writer:
+        for y in range(0, height, 300):
+            writer.write(image[y : y + 300])
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.ome.tif"]  # the levels' own files are gone
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome
+        series = tif.series[0]
+        assert len(series.levels) == levels == len(pyramid_sizes(height, width))
+        assert max(series.levels[-1].shape) <= 1024
+        for i, level in enumerate(series.levels):
+            assert np.array_equal(level.asarray(), image[:: 2**i, :: 2**i]), i
+            page = level.pages[0]
+            assert page.is_tiled and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        pixels = ome_types.from_xml(tif.ome_metadata).images[0].pixels
+    assert (pixels.size_y, pixels.size_x, pixels.type.value) == (height, width, "uint8")
+    assert (pixels.physical_size_y, pixels.physical_size_x) == (0.5, 0.25)
+    assert pixels.physical_size_x_unit.value == "µm"
+    assert output_is_whole(path, height, width)
+
+
+def test_ome_tiff_is_written_in_memory_of_a_few_bands(tmp_path):
+    """Against the plain tiled TIFF of the same bands (tifffile's batches of tiles are most of both)."""
+    band, width, height = 256, 2048, 16384  # a 32 MB image; its smaller levels add 11 MB
+    rows = _mosaic(band, width)
+
+    def peak(name: str, height: int) -> int:
+        tracemalloc.start()
+        with band_writer(tmp_path / name, height, width, np.uint8) as writer:
+            for _ in range(0, height, band):
+                writer.write(rows)
+        most = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return most
+
+    peak("warm.ome.tif", 2048)  # tifffile and zarr imported before measuring
+    plain, ome = peak("m.tif", height), peak("m.ome.tif", height)
+    assert ome < 2 * plain and ome < height * width / 2, f"{ome / 1e6:.1f} MB against {plain / 1e6:.1f} MB"
+    with tifffile.TiffFile(tmp_path / "m.ome.tif") as tif:
+        assert [level.shape for level in tif.series[0].levels] == [(16384, 2048), (8192, 1024), (4096, 512), (2048, 256), (1024, 128)]

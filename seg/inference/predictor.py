@@ -251,7 +251,8 @@ class Predictor:
             height, width = source.height, source.width
             writers = {
                 kind: stack.enter_context(
-                    band_writer(target, height, width, *shapes[kind], palette=palette if kind == "mask" else None)
+                    band_writer(target, height, width, *shapes[kind], palette=palette if kind == "mask" else None,
+                                pixel_size=source.pixel_size)  # fmt: skip
                 ).write
                 for kind, target in targets.items()
             }

@@ -18,7 +18,7 @@ import numpy as np
 from seg.errors import ImageError
 from seg.io.headers import check_plausible_size, exif_orientation, is_tiff
 from seg.io.images import orient, read_image
-from seg.io.tiff import check_tiff_chunks, stack_message, tiff_colours, tiff_layout
+from seg.io.tiff import check_tiff_chunks, pixel_size, stack_message, tiff_colours, tiff_layout
 
 SAMPLE_PIXELS = 4_000_000  # pixels read for percentile normalisation and display ranges
 LARGE_PIXELS = 64_000_000  # beyond this, a TIFF's percentile sample comes from 32 bands, not a full pass
@@ -43,6 +43,7 @@ class ImageSource:
     width: int
     channels: int
     dtype: np.dtype
+    pixel_size: tuple[float, float] | None = None  # (y, x) in micrometres, when the file says
 
     def read(self, y0: int, y1: int) -> np.ndarray:
         raise NotImplementedError
@@ -122,6 +123,7 @@ class TiffSource(ImageSource):
             self.tif.close()
             raise ImageError(f"{path}: {err}") from None
         self.height, self.width, self.slices = self.layout.height, self.layout.width, self.layout.slices
+        self.pixel_size = pixel_size(self.tif, page)
         self._stored = np.dtype(series.dtype).newbyteorder(self.tif.byteorder)
         probe = self._convert(np.zeros((1, 1, self.layout.channels), np.dtype(series.dtype)))
         self.channels, self.dtype = probe.shape[2], probe.dtype

@@ -48,6 +48,38 @@ def read_tiff_file(file: Any, name: str, colours: bool = True) -> np.ndarray:
     return arr[..., 0] if arr.shape[2] == 1 else arr
 
 
+MICROMETRES = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+RESOLUTION_UNIT_MICROMETRES = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre
+
+
+def pixel_size(tif: Any, page: Any) -> tuple[float, float] | None:
+    """The (y, x) size of a pixel in micrometres: OME-XML's PhysicalSizeY/X, else the resolution tags when
+    they name a unit; None when the file does not say (or says nonsense)."""
+    try:
+        if tif.is_ome:
+            import xml.etree.ElementTree as ET
+
+            pixels = next(e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("}Pixels"))
+            sizes = []
+            for axis in ("Y", "X"):
+                value = pixels.get(f"PhysicalSize{axis}")
+                unit = MICROMETRES.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+                sizes.append(float(value) * unit if value is not None and unit else None)
+            if None not in sizes:
+                return _positive(sizes[0], sizes[1])
+        unit = RESOLUTION_UNIT_MICROMETRES.get(int(page.tags.valueof("ResolutionUnit", 2)))
+        x, y = page.tags.valueof("XResolution"), page.tags.valueof("YResolution")
+        if unit and x and y:  # pixels per unit, as (numerator, denominator)
+            return _positive(unit * y[1] / y[0], unit * x[1] / x[0])
+    except Exception:  # metadata only: an unreadable value is no value
+        return None
+    return None
+
+
+def _positive(y: float, x: float) -> tuple[float, float] | None:
+    return (y, x) if all(math.isfinite(v) and v > 0 for v in (y, x)) else None
+
+
 def check_tiff_chunks(page: Any) -> None:
     """ImageError unless a TIFF page lists every strip or tile its size calls for (tifffile would read the
     missing ones as zeros: a corrupt header would give a wrong, or a huge, image)."""

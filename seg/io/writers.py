@@ -1,5 +1,6 @@
-"""Images written by row bands as a prediction finishes them: PNG and tiled TIFF (`band_writer`),
-multi-page TIFF stacks (`page_writer`), and the check that an earlier output is whole (`output_is_whole`).
+"""Images written by row bands as a prediction finishes them: PNG, tiled TIFF and pyramidal OME-TIFF
+(`band_writer`), multi-page TIFF stacks (`page_writer`), and the check that an earlier output is whole
+(`output_is_whole`).
 
 Every file is written into a temporary file beside its path and renamed onto it when complete.
 """
@@ -41,10 +42,11 @@ class BandWriter:
 
 @contextmanager
 def band_writer(
-    path: str | Path, height: int, width: int, dtype: Any, samples: int = 1, palette: Sequence | None = None
-) -> Iterator[BandWriter]:
+    path: str | Path, height: int, width: int, dtype: Any, samples: int = 1, palette: Sequence | None = None,
+    pixel_size: tuple[float, float] | None = None,
+) -> Iterator[BandWriter]:  # fmt: skip
     """A BandWriter into a temporary file beside `path`, renamed onto `path` when complete and removed on
-    error: a PNG for .png, a tiled zlib TIFF for .tif/.tiff.
+    error: a PNG for .png, a pyramidal OME-TIFF for .ome.tif/.ome.tiff, a tiled zlib TIFF for .tif/.tiff.
 
     Args:
         path: the output file.
@@ -53,6 +55,7 @@ def band_writer(
         dtype: uint8 or uint16 (PNG, TIFF) or float32 (TIFF only).
         samples: values per pixel (1 for a mask, 3 for RGB, K for probabilities).
         palette: RGB colours for a PNG mask (a palette PNG).
+        pixel_size: (y, x) micrometres per pixel, for an OME-TIFF's metadata.
     """
     path, dtype = Path(path), np.dtype(dtype)
     suffix = path.suffix.lower()
@@ -61,6 +64,8 @@ def band_writer(
     with atomic_path(path) as tmp:
         if suffix == ".png":
             writer: BandWriter = PngBandWriter(tmp, height, width, dtype, samples, palette)
+        elif is_ome_tiff(path):
+            writer = OmeTiffBandWriter(tmp, height, width, dtype, samples, pixel_size)
         else:
             writer = TiffBandWriter(tmp, height, width, dtype, samples)
         try:
@@ -69,6 +74,10 @@ def band_writer(
             writer.abort()
             raise
         writer.close()
+
+
+def is_ome_tiff(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith((".ome.tif", ".ome.tiff"))
 
 
 @contextmanager
@@ -157,8 +166,9 @@ class TiffBandWriter(BandWriter):
     takes bands from a small queue, so the producer pushes rows and memory stays at a few bands.
     """
 
-    def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1):
+    def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1, buffer: int = 4 << 20):
         self.height, self.width, self.samples, self.dtype = height, width, samples, np.dtype(dtype)
+        self.buffer = buffer  # bytes of tiles tifffile takes at once (its default would read ahead 512 MB)
         self.tile = (min(WRITE_TILE, round_up(height, 16)), min(WRITE_TILE, round_up(width, 16)))
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
@@ -174,7 +184,7 @@ class TiffBandWriter(BandWriter):
             tifffile.imwrite(
                 path, data=self._tiles(), shape=shape, dtype=self.dtype, tile=self.tile,
                 compression="zlib", photometric=photometric, planarconfig="contig" if self.samples > 1 else None,
-                maxworkers=2, buffersize=4 << 20,  # tifffile would read ahead 512 MB of tiles
+                maxworkers=2, buffersize=self.buffer,
             )  # fmt: skip
         except BaseException as err:  # handed to the producer on its next write or close
             self.error = err
@@ -232,6 +242,121 @@ class TiffBandWriter(BandWriter):
             except queue.Full:
                 pass
         self.thread.join(timeout=10)
+
+
+PYRAMID_SIDE = 1024  # an OME-TIFF's smallest level has its longest side at most this
+
+
+def pyramid_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """(height, width) of each level: the image, then halved (every other pixel, so rounded up) until the
+    longest side is at most PYRAMID_SIDE."""
+    sizes = [(height, width)]
+    while max(sizes[-1]) > PYRAMID_SIDE:
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+class OmeTiffBandWriter(TiffBandWriter):
+    """A tiled, zlib-compressed, pyramidal OME-TIFF (sub-resolutions as SubIFDs, as QuPath, Fiji's
+    Bio-Formats and napari read them), written while rows arrive.
+
+    Each level takes every other row and column of the one above (a mask's classes stay classes). While
+    rows arrive, the full level streams into the file and each smaller level into a tiled TIFF of its own
+    beside it; when the last row is in, those are copied into the file's SubIFDs band by band and removed.
+    Memory stays at a few bands of each level.
+    """
+
+    def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1,
+                 pixel_size: tuple[float, float] | None = None):  # fmt: skip
+        self.sizes, self.pixel_size = pyramid_sizes(height, width), pixel_size
+        self.level_paths = [path.with_name(f"{path.name}.level{i}") for i in range(1, len(self.sizes))]
+        self.levels = [TiffBandWriter(p, h, w, dtype, samples, buffer=1 << 20)
+                       for p, (h, w) in zip(self.level_paths, self.sizes[1:])]  # fmt: skip
+        self.rows_in = [0] * len(self.sizes)  # rows each level has received
+        self.levels_done = threading.Event()
+        super().__init__(path, height, width, dtype, samples)
+
+    def _run(self, path: Path) -> None:
+        import tifffile
+
+        axes = "YX" if self.samples == 1 else "YXC"
+        metadata: dict[str, Any] = {"axes": axes}
+        if self.pixel_size:
+            metadata.update(PhysicalSizeY=self.pixel_size[0], PhysicalSizeX=self.pixel_size[1],
+                            PhysicalSizeYUnit="µm", PhysicalSizeXUnit="µm")  # fmt: skip
+        options = dict(dtype=self.dtype, compression="zlib", photometric="minisblack",
+                       planarconfig="contig" if self.samples > 1 else None, maxworkers=2, buffersize=self.buffer)  # fmt: skip
+        try:
+            with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+                tif.write(self._tiles(), shape=self._shape(0), tile=self.tile, subifds=len(self.levels),
+                          metadata=metadata, **options)  # fmt: skip
+                self.levels_done.wait()
+                if self.error is not None:
+                    return
+                for level, level_path in enumerate(self.level_paths, 1):
+                    tile = (min(WRITE_TILE, round_up(self.sizes[level][0], 16)), min(WRITE_TILE, round_up(self.sizes[level][1], 16)))
+                    tif.write(self._copied(level_path, tile), shape=self._shape(level), tile=tile, subfiletype=1,
+                              metadata=None, **options)  # fmt: skip
+        except BaseException as err:
+            self.error = err
+            while True:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _shape(self, level: int) -> tuple[int, ...]:
+        return self.sizes[level] + ((self.samples,) if self.samples > 1 else ())
+
+    @staticmethod
+    def _copied(path: Path, tile: tuple[int, int]) -> Iterator[np.ndarray]:
+        """The tiles of the TIFF at `path`, row of tiles by row of tiles."""
+        from seg.io.sources import TiffSource
+
+        with TiffSource(path) as source:
+            for y in range(0, source.height, tile[0]):
+                rows = source.read(y, min(y + tile[0], source.height))
+                rows = rows[..., 0] if rows.shape[-1] == 1 else rows
+                for x in range(0, source.width, tile[1]):
+                    yield rows[:, x : x + tile[1]]
+
+    def write(self, rows: np.ndarray) -> None:
+        super().write(rows)
+        for level, writer in enumerate(self.levels):
+            start = self.rows_in[level]
+            self.rows_in[level] += rows.shape[0]
+            rows = rows[(-start) % 2 :: 2, ::2]  # the rows of even index in the whole level
+            if not rows.shape[0]:
+                break
+            writer.write(rows)
+
+    def close(self) -> None:
+        try:
+            if self.thread.is_alive():
+                self._put(_END)
+            for writer in self.levels:
+                writer.close()
+        except BaseException:
+            self.abort()
+            raise
+        self.levels_done.set()
+        try:
+            super().close()
+        finally:
+            self._remove_levels()
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        for writer in self.levels:
+            writer.abort()
+        self.levels_done.set()
+        super().abort()
+        self._remove_levels()
+
+    def _remove_levels(self) -> None:
+        for path in self.level_paths:
+            path.unlink(missing_ok=True)
 
 
 def output_is_whole(path: str | Path, height: int, width: int) -> bool:

@@ -16,7 +16,7 @@ from seg.io.headers import image_size, stack_size
 from seg.io.writers import output_is_whole
 from seg.jobs.job import Job
 
-FORMATS = ("png", "tif")
+FORMATS = {"png": "png", "tif": "tif", "ome-tiff": "ome.tif"}  # --format: the mask's suffix
 
 
 def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
@@ -109,10 +109,10 @@ def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilit
             continue
         stem = out / job.relative.parent / job.relative.stem
         job.slices = stack_size(job.source)
-        kind = "tif" if job.slices > 1 else fmt  # a stack's outputs are multi-page TIFFs
-        job.outputs = {"mask": stem.with_name(f"{stem.name}.{kind}")}
+        stack = job.slices > 1  # a stack's outputs are multi-page TIFFs
+        job.outputs = {"mask": stem.with_name(f"{stem.name}.{'tif' if stack else FORMATS[fmt]}")}
         if overlay:
-            job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.{'tif' if kind != fmt else 'png'}")
+            job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.{'tif' if stack else 'png'}")
         if probabilities:
             job.outputs["probabilities"] = stem.with_name(f"{stem.name}.probs.tif")
         if confidence:
