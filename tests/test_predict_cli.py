@@ -133,6 +133,30 @@ def test_ome_tiff_format_is_a_pyramid_with_the_inputs_pixel_size(conv_onnx, em_i
     assert code == 0 and "1 skipped" in output  # a whole OME-TIFF counts as done
 
 
+def test_geojson_format_gives_polygons_whose_area_is_the_masks_pixels(conv_onnx, image_tree, tmp_path, monkeypatch):
+    from shapely.geometry import shape
+
+    out = tmp_path / "out"
+    code, output = predict(conv_onnx, image_tree / "a.png", "--out", out, "--format", "geojson", "--tile", "128")
+    assert code == 0, output
+    features = json.loads((out / "a.geojson").read_text())["features"]
+    summary = summary_of(out)["images"][0]
+    background, *classes = summary["pixels_per_class"].items()
+    assert not [f for f in features if f["properties"]["classification"]["name"] == background[0]]
+    for name, pixels in classes:
+        polygons = [shape(f["geometry"]) for f in features if f["properties"]["classification"]["name"] == name]
+        assert all(p.is_valid for p in polygons) and sum(p.area for p in polygons) == pixels > 0
+    code, output = predict(conv_onnx, image_tree / "a.png", "--out", out, "--format", "geojson", "--tile", "128")
+    assert code == 0 and "1 skipped" in output
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rasterio.features", None)  # as if `seg[geo]` were not installed
+    code, output = predict(conv_onnx, image_tree / "a.png", "--out", tmp_path / "none", "--format", "geojson")
+    assert code == 2 and "pip install 'seg[geo]'" in output and "Traceback" not in output
+    assert not (tmp_path / "none" / "a.geojson").exists()
+
+
 def test_rerun_skips_whole_outputs_and_redoes_partial_ones(conv_onnx, image_tree, tmp_path):
     out = tmp_path / "out"
     assert predict(conv_onnx, image_tree, "--out", out)[0] == 0

@@ -4,6 +4,7 @@ ome-types, in memory bounded by a few bands."""
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_float_probabilities_go_to_tiff(tmp_path):
         _write(tmp_path / "p.png", probs)
 
 
-@pytest.mark.parametrize("suffix", [".png", ".tif", ".ome.tif"])
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".ome.tif", ".geojson"])
 def test_a_failure_leaves_no_file(tmp_path, suffix):
     image = _em()
     with pytest.raises(RuntimeError, match="stop"):
@@ -118,3 +119,51 @@ def test_ome_tiff_is_written_in_memory_of_a_few_bands(tmp_path):
     assert ome < 2 * plain and ome < height * width / 2, f"{ome / 1e6:.1f} MB against {plain / 1e6:.1f} MB"
     with tifffile.TiffFile(tmp_path / "m.ome.tif") as tif:
         assert [level.shape for level in tif.series[0].levels] == [(16384, 2048), (8192, 1024), (4096, 512), (2048, 256), (1024, 128)]
+
+
+def _classes_mask(height: int, width: int) -> np.ndarray:
+    """Three classes from real EM intensities, and a ring (a region with a hole) across many bands."""
+    em = _mosaic(height, width)
+    mask = np.digitize(em, [90, 170]).astype(np.uint8)  # 0, 1, 2
+    yy, xx = np.mgrid[:height, :width]
+    r = np.hypot(yy - height / 2, xx - width / 2)
+    mask[(r > 40) & (r < 60)] = 1
+    return mask
+
+
+def test_geojson_is_one_valid_polygon_per_region_whatever_the_bands(tmp_path):
+    from scipy import ndimage
+    from shapely.geometry import shape
+
+    mask = _classes_mask(300, 257)
+    palette = [[0, 0, 0], [0, 160, 255], [255, 80, 0]]
+    with band_writer(tmp_path / "m.geojson", *mask.shape, np.uint8, palette=palette, classes=["bg", "cell", "edge"]) as w:
+        y, i = 0, 0
+        while y < mask.shape[0]:
+            rows = (1, 7, 100, 64)[i % 4]
+            w.write(mask[y : y + rows])
+            y, i = y + rows, i + 1
+    doc = json.loads((tmp_path / "m.geojson").read_text())
+    assert doc["type"] == "FeatureCollection"
+    for c, name in ((1, "cell"), (2, "edge")):
+        features = [f for f in doc["features"] if f["properties"]["classification"]["name"] == name]
+        assert {tuple(f["properties"]["classification"]["color"]) for f in features} == {tuple(palette[c])}
+        polygons = [shape(f["geometry"]) for f in features]
+        assert all(p.is_valid and p.geom_type == "Polygon" for p in polygons)
+        assert len(polygons) == ndimage.label(mask == c)[1]  # 4-connected regions, joined across bands
+        assert sum(p.area for p in polygons) == (mask == c).sum()
+    ring = max((shape(f["geometry"]) for f in doc["features"]), key=lambda p: p.area)
+    assert len(ring.interiors) >= 1
+    assert output_is_whole(tmp_path / "m.geojson", *mask.shape)
+
+
+def test_geojson_without_its_libraries_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from seg.io.geojson import GEO_EXTRA
+
+    monkeypatch.setitem(sys.modules, "rasterio.features", None)  # as if not installed
+    with pytest.raises(SegError, match="seg\\[geo\\]"):
+        with band_writer(tmp_path / "m.geojson", 10, 10, np.uint8, classes=["bg", "fg"]):
+            pass
+    assert list(tmp_path.iterdir()) == [] and "pip install" in GEO_EXTRA

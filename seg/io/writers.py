@@ -1,6 +1,6 @@
-"""Images written by row bands as a prediction finishes them: PNG, tiled TIFF and pyramidal OME-TIFF
-(`band_writer`), multi-page TIFF stacks (`page_writer`), and the check that an earlier output is whole
-(`output_is_whole`).
+"""Images written by row bands as a prediction finishes them: PNG, tiled TIFF, pyramidal OME-TIFF and
+GeoJSON polygons (`band_writer`), multi-page TIFF stacks (`page_writer`), and the check that an earlier
+output is whole (`output_is_whole`).
 
 Every file is written into a temporary file beside its path and renamed onto it when complete.
 """
@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from seg.errors import SegError
+from seg.io.geojson import GeoJsonBandWriter, geojson_is_whole
 from seg.io.headers import TIFF_SUFFIXES
 from seg.io.headers import png_size
 from seg.io.images import atomic_path
@@ -43,10 +44,11 @@ class BandWriter:
 @contextmanager
 def band_writer(
     path: str | Path, height: int, width: int, dtype: Any, samples: int = 1, palette: Sequence | None = None,
-    pixel_size: tuple[float, float] | None = None,
+    pixel_size: tuple[float, float] | None = None, classes: Sequence[str] = (),
 ) -> Iterator[BandWriter]:  # fmt: skip
     """A BandWriter into a temporary file beside `path`, renamed onto `path` when complete and removed on
-    error: a PNG for .png, a pyramidal OME-TIFF for .ome.tif/.ome.tiff, a tiled zlib TIFF for .tif/.tiff.
+    error: a PNG for .png, a pyramidal OME-TIFF for .ome.tif/.ome.tiff, a tiled zlib TIFF for .tif/.tiff, a
+    mask's polygons for .geojson (`seg.io.geojson`).
 
     Args:
         path: the output file.
@@ -56,14 +58,17 @@ def band_writer(
         samples: values per pixel (1 for a mask, 3 for RGB, K for probabilities).
         palette: RGB colours for a PNG mask (a palette PNG).
         pixel_size: (y, x) micrometres per pixel, for an OME-TIFF's metadata.
+        classes: the class names, for GeoJSON features.
     """
     path, dtype = Path(path), np.dtype(dtype)
     suffix = path.suffix.lower()
-    if suffix not in (*TIFF_SUFFIXES, ".png"):
-        raise SegError(f"{path}: write .png or .tif, not {path.suffix!r}")
+    if suffix not in (*TIFF_SUFFIXES, ".png", ".geojson"):
+        raise SegError(f"{path}: write .png, .tif or .geojson, not {path.suffix!r}")
     with atomic_path(path) as tmp:
         if suffix == ".png":
             writer: BandWriter = PngBandWriter(tmp, height, width, dtype, samples, palette)
+        elif suffix == ".geojson":
+            writer = GeoJsonBandWriter(tmp, height, width, classes, palette)  # type: ignore[assignment]
         elif is_ome_tiff(path):
             writer = OmeTiffBandWriter(tmp, height, width, dtype, samples, pixel_size)
         else:
@@ -365,6 +370,8 @@ def output_is_whole(path: str | Path, height: int, width: int) -> bool:
     if not path.is_file():
         return False
     try:
+        if path.suffix.lower() == ".geojson":  # written whole or not at all; its size is not in it
+            return geojson_is_whole(path)
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 

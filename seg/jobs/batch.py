@@ -68,7 +68,7 @@ def run_batch(
         overlay: also write STEM.overlay.png.
         probabilities: also write STEM.probs.tif.
         confidence: also write STEM.confidence.tif.
-        fmt: the mask's format: "png", "tif" or "ome-tiff" (pyramidal).
+        fmt: the mask's format: "png", "tif", "ome-tiff" (pyramidal) or "geojson" (polygons).
         force: predict again even when outputs recorded as made the same way exist.
         console: where progress and messages go (default: stderr).
         num_parts: split the inputs into this many parts ...
@@ -82,6 +82,10 @@ def run_batch(
     console = console or Console(stderr=True)
     if fmt not in FORMATS:
         raise SegError(f"--format {fmt!r}: choose {', '.join(FORMATS)}")
+    if fmt == "geojson":
+        from seg.io.geojson import check_libraries
+
+        check_libraries()  # before any work
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise SegError(f"--part-id {part_id} of --num-parts {num_parts}: need 0 <= part id < parts")
     if ray is not None:
