@@ -133,6 +133,29 @@ def test_ome_tiff_format_is_a_pyramid_with_the_inputs_pixel_size(conv_onnx, em_i
     assert code == 0 and "1 skipped" in output  # a whole OME-TIFF counts as done
 
 
+def test_whole_slide_and_pyramidal_inputs_are_read_at_full_resolution(conv_onnx, em_image, tmp_path):
+    """An Aperio SVS (a TIFF with its MPP in the description) found in a folder, and a pyramidal OME-TIFF
+    (seg's own output) as input: both segmented at level 0, the pixel size carried into the OME-TIFF."""
+    import ome_types
+
+    rgb = np.stack([np.tile(em_image, (2, 2))[:600, :700]] * 3, -1)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    aperio = "Aperio Image Library v12.0.15 \r\n700x600 [0,100 700x600] (256x256) JPEG/RGB Q=70|AppMag = 20|MPP = 0.499"
+    with tifffile.TiffWriter(folder / "slide.svs") as tif:
+        tif.write(rgb, tile=(256, 256), compression="zlib", description=aperio, photometric="rgb")
+        tif.write(rgb[::4, ::4], description=aperio.replace("(256x256)", "-> 175x150"), photometric="rgb")  # thumbnail
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "a", "--format", "ome-tiff")
+    assert code == 0 and "1 predicted" in output, output
+    with tifffile.TiffFile(tmp_path / "a" / "slide.ome.tif") as tif:
+        assert tif.series[0].shape == (600, 700)
+        assert ome_types.from_xml(tif.ome_metadata).images[0].pixels.physical_size_x == pytest.approx(0.499)
+
+    code, output = predict(conv_onnx, tmp_path / "a" / "slide.ome.tif", "--out", tmp_path / "b", "--format", "tif")
+    assert code == 0, output
+    assert tifffile.imread(tmp_path / "b" / "slide.ome.tif").shape == (600, 700)  # level 0, not a smaller level
+
+
 def test_geojson_format_gives_polygons_whose_area_is_the_masks_pixels(conv_onnx, image_tree, tmp_path, monkeypatch):
     from shapely.geometry import shape
 

@@ -17,7 +17,9 @@ import numpy as np
 from seg.errors import ImageError
 from seg.io.tiff import tiff_layout
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Folders are searched for these; whole-slide files that are TIFFs inside (Aperio .svs, Hamamatsu .ndpi)
+# are read as TIFFs, at full resolution.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".svs", ".ndpi")
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 

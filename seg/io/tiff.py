@@ -8,6 +8,7 @@ bands with the same layout (`tiff_layout`), colours (`tiff_colours`) and checks 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,9 +54,14 @@ RESOLUTION_UNIT_MICROMETRES = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: i
 
 
 def pixel_size(tif: Any, page: Any) -> tuple[float, float] | None:
-    """The (y, x) size of a pixel in micrometres: OME-XML's PhysicalSizeY/X, else the resolution tags when
-    they name a unit; None when the file does not say (or says nonsense)."""
+    """The (y, x) size of a pixel in micrometres: OME-XML's PhysicalSizeY/X, an Aperio SVS description's
+    MPP, else the resolution tags when they name a unit; None when the file does not say (or says nonsense)."""
     try:
+        description = page.description or ""
+        if description.startswith("Aperio"):
+            mpp = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description)
+            if mpp:
+                return _positive(float(mpp.group(1)), float(mpp.group(1)))
         if tif.is_ome:
             import xml.etree.ElementTree as ET
 
