@@ -42,7 +42,7 @@ class GeoJsonBandWriter:
 
     def __init__(self, path: Path, height: int, width: int, classes: Sequence[str], palette: Sequence | None = None):
         self.shapes, self.shapely, self.affine = _libraries()
-        self.height, self.width = height, width
+        self.height = height
         self.classes = list(classes)
         self.colours = [list(map(int, c)) for c in palette] if palette is not None else None
         self.y = 0

@@ -28,6 +28,11 @@ from seg.io.sources import round_up
 WRITE_TILE = 256  # tile side of the TIFFs we write
 
 
+def write_tile(height: int, width: int) -> tuple[int, int]:
+    """The tile shape of a TIFF we write: WRITE_TILE, or the image rounded up to 16 when smaller."""
+    return min(WRITE_TILE, round_up(height, 16)), min(WRITE_TILE, round_up(width, 16))
+
+
 class BandWriter:
     """Receives an image's rows top to bottom (`write`), then completes the file (`close`)."""
 
@@ -174,7 +179,7 @@ class TiffBandWriter(BandWriter):
     def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, samples: int = 1, buffer: int = 4 << 20):
         self.height, self.width, self.samples, self.dtype = height, width, samples, np.dtype(dtype)
         self.buffer = buffer  # bytes of tiles tifffile takes at once (its default would read ahead 512 MB)
-        self.tile = (min(WRITE_TILE, round_up(height, 16)), min(WRITE_TILE, round_up(width, 16)))
+        self.tile = write_tile(height, width)
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(path,), name="tiff-writer", daemon=True)
@@ -191,13 +196,17 @@ class TiffBandWriter(BandWriter):
                 compression="zlib", photometric=photometric, planarconfig="contig" if self.samples > 1 else None,
                 maxworkers=2, buffersize=self.buffer,
             )  # fmt: skip
-        except BaseException as err:  # handed to the producer on its next write or close
-            self.error = err
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
+        except BaseException as err:
+            self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        """Keep `err` for the producer's next write or close, and unblock it if it waits on a full queue."""
+        self.error = err
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
 
     def _tiles(self) -> Iterator[np.ndarray]:
         th, tw = self.tile
@@ -278,7 +287,7 @@ class OmeTiffBandWriter(TiffBandWriter):
         self.level_paths = [path.with_name(f"{path.name}.level{i}") for i in range(1, len(self.sizes))]
         self.levels = [TiffBandWriter(p, h, w, dtype, samples, buffer=1 << 20)
                        for p, (h, w) in zip(self.level_paths, self.sizes[1:])]  # fmt: skip
-        self.rows_in = [0] * len(self.sizes)  # rows each level has received
+        self.rows_in = [0] * len(self.levels)  # rows of the level above each smaller level, so far
         self.levels_done = threading.Event()
         super().__init__(path, height, width, dtype, samples)
 
@@ -300,16 +309,11 @@ class OmeTiffBandWriter(TiffBandWriter):
                 if self.error is not None:
                     return
                 for level, level_path in enumerate(self.level_paths, 1):
-                    tile = (min(WRITE_TILE, round_up(self.sizes[level][0], 16)), min(WRITE_TILE, round_up(self.sizes[level][1], 16)))
+                    tile = write_tile(*self.sizes[level])
                     tif.write(self._copied(level_path, tile), shape=self._shape(level), tile=tile, subfiletype=1,
                               metadata=None, **options)  # fmt: skip
         except BaseException as err:
-            self.error = err
-            while True:
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
+            self._fail(err)
 
     def _shape(self, level: int) -> tuple[int, ...]:
         return self.sizes[level] + ((self.samples,) if self.samples > 1 else ())
