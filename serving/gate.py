@@ -29,7 +29,9 @@ its endpoints read parameters from a JSON or multipart body only. For the routes
   naming the server's software version); `/` sends browsers to the page at /ui/ (BentoML's page there
   loads a third-party script).
 
-Other paths (health, metrics, /ui) pass otherwise untouched.
+On the job routes (`JOBS` and below) it checks the API key, and for an upload its Content-Type and its
+Content-Length against SEG_JOB_MAX_BYTES; the route streams the body to disk itself (`body_chunks`, with the
+same read timeouts). Other paths (health, metrics, /ui) pass otherwise untouched.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import tempfile
 import threading
 import time
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers, UploadFile
@@ -59,6 +61,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DOCS = "/docs.json"
+JOBS = "/jobs"  # POST /jobs, GET /jobs, GET and DELETE /jobs/ID, GET /jobs/ID/result: serving.job_routes
 API_VERSION = "1"  # of the endpoints as documented at DOCS (info.version), not of any software
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/octet-stream")
 # "" is a request without Content-Type; x-www-form-urlencoded is what `curl --data-binary` sends by default.
@@ -89,7 +92,7 @@ class Gate:
     def __init__(
         self, app, routes: Iterable[str], upload_routes: Iterable[str], max_bytes: int, api_key: str | None = None,
         concurrency: int | None = None, timeout: float | None = None, body_timeout: float = 60.0,
-        min_body_rate: float = 1.0,
+        min_body_rate: float = 1.0, job_max_bytes: int = 0,
     ):  # fmt: skip
         self.app = app
         self.routes = frozenset(routes)
@@ -98,6 +101,7 @@ class Gate:
         self.api_key = api_key
         self.slots = asyncio.Semaphore(concurrency) if concurrency else None
         self.timeout, self.body_timeout, self.min_body_rate = timeout, body_timeout, min_body_rate
+        self.job_max_bytes = job_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,7 +111,8 @@ class Gate:
         if scope["path"] == DOCS and scope["method"] == "GET":
             return await self.app(scope, receive, documented(send, self.routes, self.upload_routes))
         send = plain_errors(send)
-        if scope["path"] not in self.routes:
+        job = scope["path"] == JOBS or scope["path"].startswith(JOBS + "/")
+        if scope["path"] not in self.routes and not job:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and not self._authorized(headers.get("authorization", "")):
@@ -117,6 +122,8 @@ class Gate:
         if len(types) > 1:
             return await reply(send, 400, "send one Content-Type header")
         content_type = types[0].split(";")[0].strip().lower() if types else ""
+        if job:  # the job routes read their own bodies (streamed to disk, up to SEG_JOB_MAX_BYTES)
+            return await self._job_request(scope, receive, send, headers, content_type)
         upload = scope["path"] in self.upload_routes
         accepted = UPLOAD_TYPES if upload else JSON_TYPES
         if content_type not in accepted:
@@ -153,33 +160,36 @@ class Gate:
             async with self.slots or _NO_SLOT:
                 await self._run(scope, chunks, receive, send)
 
+    async def _job_request(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], content_type: str) -> None:
+        """A request to the job routes: an upload's Content-Type and Content-Length are checked here, its body is
+        read by the route."""
+        if scope["method"] == "POST" and scope["path"] == JOBS:
+            if content_type not in UPLOAD_TYPES:
+                takes = "multipart/form-data or the image itself as " + ", ".join(IMAGE_TYPES)
+                return await reply(send, 415, f"Content-Type {content_type[:100]!r} is not accepted here; send {takes}")
+            length = headers.get("content-length")
+            if length is not None and not length.isdigit():
+                return await reply(send, 400, f"bad Content-Length {length!r}")
+            if length is not None and int(length) > self.job_max_bytes:
+                return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
+                                              f"{self.job_max_bytes} (SEG_JOB_MAX_BYTES)")  # fmt: skip
+        await self.app(scope, receive, send)
+
     async def _read_body(self, receive: Receive) -> Body | None:
         """The whole body, spooled to a temporary file past SPOOL_BYTES (None when the client disconnects
         first); BodyError past the limits."""
         body = Body()
-        start = time.monotonic()
         try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(receive(), self.body_timeout)
-                except asyncio.TimeoutError:
-                    raise BodyError(408, f"no part of the request body came for {self.body_timeout:g} s (SEG_BODY_TIMEOUT)") from None
-                if message["type"] == "http.disconnect":
-                    body.close()
-                    return None
-                body.write(message.get("body", b""))
-                if body.size > self.max_bytes:
-                    raise BodyError(413, f"request body is over the limit of {self.max_bytes} bytes (SEG_MAX_BYTES)")
-                if not message.get("more_body", False):
-                    body.file.seek(0)
-                    return body
-                took = time.monotonic() - start
-                if took > BODY_GRACE and body.size < self.min_body_rate * took:
-                    raise BodyError(408, f"the request body is arriving at under {self.min_body_rate:g} bytes/s "
-                                         "(SEG_MIN_BODY_RATE)")  # fmt: skip
+            async for chunk in body_chunks(receive, self.max_bytes, "SEG_MAX_BYTES", self.body_timeout, self.min_body_rate):
+                body.write(chunk)
+        except Disconnected:
+            body.close()
+            return None
         except BaseException:
             body.close()
             raise
+        body.file.seek(0)
+        return body
 
     async def _run(self, scope: Scope, chunks: Iterator[bytes], receive: Receive, send: Send) -> None:
         """The application on the whole body, with the request's deadline and its client watched; 504 (when no
@@ -239,6 +249,36 @@ class BodyError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class Disconnected(Exception):
+    """The client went away before its body was in."""
+
+
+async def body_chunks(
+    receive: Receive, max_bytes: int, limit_name: str, body_timeout: float, min_body_rate: float
+) -> AsyncIterator[bytes]:
+    """A request body's chunks as they arrive; BodyError (413) past `max_bytes` (the setting `limit_name`),
+    (408) when it stalls for `body_timeout` seconds or averages under `min_body_rate` bytes/s after
+    BODY_GRACE seconds; Disconnected when the client leaves."""
+    start, size = time.monotonic(), 0
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), body_timeout)
+        except asyncio.TimeoutError:
+            raise BodyError(408, f"no part of the request body came for {body_timeout:g} s (SEG_BODY_TIMEOUT)") from None
+        if message["type"] == "http.disconnect":
+            raise Disconnected()
+        data = message.get("body", b"")
+        size += len(data)
+        if size > max_bytes:
+            raise BodyError(413, f"request body is over the limit of {max_bytes} bytes ({limit_name})")
+        yield data
+        if not message.get("more_body", False):
+            return
+        took = time.monotonic() - start
+        if took > BODY_GRACE and size < min_body_rate * took:
+            raise BodyError(408, f"the request body is arriving at under {min_body_rate:g} bytes/s (SEG_MIN_BODY_RATE)")
 
 
 class _NoSlot:

@@ -42,6 +42,8 @@ from seg.inference.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
 from seg.io import images as imageio
 from seg.io.headers import header_shape
 from serving.gate import Gate
+from serving.job_routes import JobRoutes
+from serving.jobs import JobRunner, JobStore
 from serving.lifecycle import TooLarge, client_errors, header_deadline, request_check, stop_on_signals
 from serving.responses import display_bands, encode_bands, overlay_bands, png_bytes, run_lengths, timing
 from serving.settings import Settings
@@ -50,6 +52,7 @@ SETTINGS = Settings.from_env()
 if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
     raise SegError(f"{SETTINGS.model}: no such ONNX model; set SEG_MODEL to a model written by `seg export`")
 MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
+JOBS = JobRunner(JobStore(SETTINGS.job_dir, SETTINGS.job_ttl))  # started with the worker's predictor
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
 # strict, as the schema says: 64.0 for a tile, 0 for tta or true for a fraction are refused, not converted
@@ -142,6 +145,7 @@ class Segmentation:
         if self.predictor.device != "cuda":
             self.gpu = None
         stop_on_signals()
+        JOBS.start_with(self.predictor)
 
     @bentoml.api(route="/segment")
     @client_errors
@@ -248,7 +252,8 @@ def label_metrics_by_route(known: Iterable[str]) -> None:
 
     async def call(self, scope, receive, send):
         path = scope.get("path", "")
-        label = path if path in known else "/ui/" if path.startswith("/ui/") else "other"
+        prefix = next((p for p in ("/ui/", "/jobs/") if path.startswith(p)), None)
+        label = path if path in known else prefix or "other"
         if scope.get("type") != "http" or label == path:
             return await original(self, scope, receive, send)
         inner, proxy = self.app, copy.copy(self)
@@ -260,7 +265,7 @@ def label_metrics_by_route(known: Iterable[str]) -> None:
 
 header_deadline(SETTINGS.header_timeout)
 label_metrics_by_route([method.route for method in Segmentation.apis.values()]
-                       + ["/", "/metrics", "/livez", "/readyz", "/healthz", "/docs.json", "/ui"])
+                       + ["/", "/metrics", "/livez", "/readyz", "/healthz", "/docs.json", "/ui", "/jobs"])
 Segmentation.add_asgi_middleware(
     Gate,
     routes=[method.route for method in Segmentation.apis.values()],
@@ -271,6 +276,10 @@ Segmentation.add_asgi_middleware(
     timeout=SETTINGS.timeout,
     body_timeout=SETTINGS.body_timeout,
     min_body_rate=SETTINGS.min_body_rate,
+    job_max_bytes=SETTINGS.job_max_bytes,
+)
+Segmentation.add_asgi_middleware(
+    JobRoutes, runner=JOBS, settings=SETTINGS, tile_range=(MIN_TILE, MAX_REQUEST_TILE), max_overlap=MAX_OVERLAP
 )
 
 

@@ -34,6 +34,11 @@ class Settings:
     header_timeout: float = 60.0  # seconds a new connection has to send its request headers (nginx's client_header_timeout)
     body_timeout: float = 60.0  # most seconds between two reads of a request body (nginx's client_body_timeout)
     min_body_rate: int = 65536  # bytes/s a body must average once it has taken BODY_GRACE seconds
+    job_dir: Path = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "seg" / "jobs"
+    job_ttl: float = 86400.0  # seconds an ended job and its result are kept
+    job_queue: int = 16  # jobs queued or running at once
+    job_max_pixels: int = 4_000_000_000
+    job_max_bytes: int = 4 << 30
 
     @property
     def upload_seconds(self) -> float:
@@ -75,4 +80,9 @@ class Settings:
             header_timeout=number("SEG_HEADER_TIMEOUT", float, cls.header_timeout, 0.1),
             body_timeout=number("SEG_BODY_TIMEOUT", float, cls.body_timeout, 0.1),
             min_body_rate=number("SEG_MIN_BODY_RATE", int, cls.min_body_rate, 1),
+            job_dir=Path(env.get("SEG_JOB_DIR") or cls.job_dir),
+            job_ttl=number("SEG_JOB_TTL", float, cls.job_ttl, 0.0),
+            job_queue=number("SEG_JOB_QUEUE", int, cls.job_queue, 1),
+            job_max_pixels=number("SEG_JOB_MAX_PIXELS", int, cls.job_max_pixels, 1),
+            job_max_bytes=number("SEG_JOB_MAX_BYTES", int, cls.job_max_bytes, 1),
         )

@@ -84,7 +84,7 @@ def running_server(model: Path, folder: Path, **env: str) -> Iterator[Server]:
     port = free_port()
     log = folder / f"server-{port}.log"
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    environ = {**inherited, "BENTOML_HOME": str(folder / "bentoml"), **env}
+    environ = {**inherited, "BENTOML_HOME": str(folder / "bentoml"), "SEG_JOB_DIR": str(folder / "jobs"), **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "seg.cli", "serve", str(model), "--port", str(port)],

@@ -1,0 +1,231 @@
+"""The job routes, as ASGI middleware in front of BentoML (whose routes take no path parameters):
+
+    POST   /jobs              an image (multipart field `image`, or the raw body) -> 202 {"id", "status_url", ...}
+    GET    /jobs              the latest jobs, newest first
+    GET    /jobs/ID           state, progress (tiles_done, tiles_total), error, result_url
+    GET    /jobs/ID/result    the mask file (?part=probabilities: the probabilities TIFF), streamed from disk
+    DELETE /jobs/ID           cancel a queued or running job, or remove an ended one
+
+The API key and the upload's Content-Type and Content-Length are checked by `serving.gate.Gate` first. An
+upload is written to the job's folder as it arrives (multipart parts pass through a temporary file), and its
+size is read from its header before the job is queued: 413 past SEG_JOB_MAX_PIXELS, 429 past SEG_JOB_QUEUE.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import shutil
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route, Router
+
+from seg.io.headers import TIFF_MAGIC, header_size, image_size, unsupported_format
+from seg.jobs.inputs import FORMATS
+from serving.gate import MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
+from serving.jobs import MEDIA_TYPES, JobRunner, tile_total
+from serving.settings import Settings
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class JobOptions(BaseModel):
+    """A job's options, from its form fields or query parameters (text, converted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tile: int | None = Field(None, ge=0)
+    overlap: float | None = Field(None, ge=0.0)
+    tta: Literal["none", "flips", "d4"] | bool = "none"
+    format: Literal[tuple(FORMATS)] = "png"  # type: ignore[valid-type]
+    probabilities: bool = False
+
+
+class JobRoutes:
+    """ASGI middleware answering the job routes with `runner`'s store and model; other paths go on to `app`."""
+
+    def __init__(self, app, runner: JobRunner, settings: Settings, tile_range: tuple[int, int], max_overlap: float):
+        self.app, self.runner, self.settings = app, runner, settings
+        self.tile_range, self.max_overlap = tile_range, max_overlap
+        self.router = Router(routes=[
+            Route("/jobs", self.submit, methods=["POST"]),
+            Route("/jobs", self.listing, methods=["GET"]),
+            Route("/jobs/{job_id}", self.status, methods=["GET"]),
+            Route("/jobs/{job_id}", self.delete, methods=["DELETE"]),
+            Route("/jobs/{job_id}/result", self.result, methods=["GET"]),
+        ])  # fmt: skip
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/jobs" or path.startswith("/jobs/")):
+            return await self.app(scope, receive, send)
+        try:
+            await self.router(scope, receive, send)
+        except HTTPException as err:  # the router's 404 and 405 (it raises them inside an application)
+            answer = error(err.status_code, HTTPStatus(err.status_code).phrase.lower())
+            answer.headers.update(err.headers or {})
+            await answer(scope, receive, send)
+
+    @property
+    def store(self):
+        return self.runner.store
+
+    # -- the routes ----------------------------------------------------------------------------------------
+    async def submit(self, request: Request) -> Response:
+        if self.store.waiting() >= self.settings.job_queue:
+            return error(429, f"{self.settings.job_queue} jobs are queued or running (SEG_JOB_QUEUE); send it again later")
+        job_id, folder = self.store.new_folder()
+        upload = folder / "upload"
+        try:
+            fields = await self._receive(request, upload)
+            options = self._options(fields)
+            name, height, width = self._check_image(upload)
+            upload.rename(folder / name)
+            tiling = self.runner.predictor.options.replace(tile=options.tile, overlap=options.overlap, tta=options.tta)
+            tiles = tile_total(self.runner.predictor, folder / name, height, width, tiling)
+            self.store.add(job_id, options.model_dump(), name, height, width, tiles)
+        except BodyError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            return error(err.status, str(err))
+        except Disconnected:
+            shutil.rmtree(folder, ignore_errors=True)
+            return Response(status_code=499)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.runner.wake.set()
+        return JSONResponse({"id": job_id, "state": "queued", "status_url": f"/jobs/{job_id}"}, status_code=202,
+                            headers={"location": f"/jobs/{job_id}"})  # fmt: skip
+
+    async def listing(self, request: Request) -> Response:
+        return JSONResponse({"jobs": [self._view(job) for job in self.store.recent()]})
+
+    async def status(self, request: Request) -> Response:
+        job = self._job(request)
+        return JSONResponse(self._view(job)) if job else not_found(request)
+
+    async def delete(self, request: Request) -> Response:
+        job = self._job(request)
+        state = self.store.cancel(job["id"]) if job else None
+        return JSONResponse({"id": job["id"], "state": state}) if state else not_found(request)
+
+    async def result(self, request: Request) -> Response:
+        job = self._job(request)
+        if job is None:
+            return not_found(request)
+        part = request.query_params.get("part", "mask")
+        outputs = self.store.outputs(job)
+        if part not in outputs:
+            return error(400, f"part {part[:40]!r}: this job has {' and '.join(outputs)}")
+        if job["state"] != "done":
+            progress = f" ({job['tiles_done']} of {job['tiles_total']} tiles)" if job["state"] == "running" else ""
+            return error(409, f"job {job['id']} is {job['state']}{progress}; its result comes when it is done")
+        path = outputs[part]
+        media = MEDIA_TYPES[job["options"]["format"]] if part == "mask" else "image/tiff"
+        return FileResponse(path, media_type=media, filename=f"{job['id']}.{path.name}")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    async def _receive(self, request: Request, upload: Path) -> dict[str, str]:
+        """Write the request's image to `upload` as it arrives; the other fields (form or query string)."""
+        s = self.settings
+        chunks = body_chunks(request.receive, s.job_max_bytes, "SEG_JOB_MAX_BYTES", s.body_timeout, s.min_body_rate)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "multipart/form-data":
+            with open(upload, "wb") as f:
+                async for chunk in chunks:
+                    f.write(chunk)
+            fields = parse_qsl(request.url.query, keep_blank_values=True)
+        else:
+            try:
+                form = await MultiPartParser(Headers(scope=request.scope), chunks, max_files=1, max_fields=MAX_FIELDS).parse()
+            except MultiPartException as err:
+                raise BodyError(400, f"malformed multipart body: {err.message}") from None
+            try:
+                images = form.getlist("image")
+                if len(images) != 1 or not isinstance(images[0], UploadFile):
+                    raise BodyError(400, "send the image as one file field named 'image' (e.g. curl -F image=@a.png)")
+                with open(upload, "wb") as f:
+                    shutil.copyfileobj(images[0].file, f, 1 << 20)
+                fields = [(k, v) for k, v in form.multi_items() if k != "image"]
+            finally:
+                await form.close()
+        if len(fields) > MAX_FIELDS:
+            raise BodyError(400, f"{len(fields)} parameters; at most {MAX_FIELDS}")
+        for name, value in fields:
+            if not isinstance(value, str):
+                raise BodyError(400, f"field {name[:40]!r} should be text, not a file")
+            try:
+                check_field(name, value)
+            except ValueError as err:
+                raise BodyError(400, str(err)) from None
+        return dict(fields)
+
+    def _options(self, fields: dict[str, str]) -> JobOptions:
+        try:
+            options = JobOptions(**fields)
+        except ValidationError as err:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise BodyError(400, detail) from None
+        low, high = self.tile_range
+        if options.tile is not None and not low <= options.tile <= high:
+            raise BodyError(400, f"tile: should be from {low} to {high}")
+        if options.overlap is not None and options.overlap > self.max_overlap:
+            raise BodyError(400, f"overlap: should be at most {self.max_overlap}")
+        return options
+
+    def _check_image(self, path: Path) -> tuple[str, int, int]:
+        """(the input's file name by its format, height, width); BodyError when its header is unreadable or
+        it is over SEG_JOB_MAX_PIXELS."""
+        with open(path, "rb") as f:
+            head = f.read(64)
+        kind = "tif" if head[:4] in TIFF_MAGIC else header_size(head)[0]
+        size = image_size(path) if kind else None
+        if size is None:
+            raise BodyError(400, f"image: {unsupported_format(path)}")
+        height, width = size
+        limit = self.settings.job_max_pixels
+        if height * width > limit:
+            raise BodyError(413, f"image of {width} x {height} pixels is over the limit of {limit} pixels (SEG_JOB_MAX_PIXELS)")
+        return f"input.{kind}", height, width
+
+    def _job(self, request: Request) -> dict[str, Any] | None:
+        job_id = request.path_params["job_id"]
+        return self.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+
+    def _view(self, job: dict[str, Any]) -> dict[str, Any]:
+        view = {
+            "id": job["id"], "state": job["state"],
+            "progress": {"tiles_done": job["tiles_done"], "tiles_total": job["tiles_total"]},
+            "width": job["width"], "height": job["height"], **job["options"],
+            "created": iso(job["created"]), "started": iso(job["started"]), "finished": iso(job["finished"]),
+        }  # fmt: skip
+        if job["state"] == "failed":
+            view["error"] = job["error"]
+        if job["state"] == "done":
+            view["result_url"] = f"/jobs/{job['id']}/result"
+            if job["options"].get("probabilities"):
+                view["probabilities_url"] = f"/jobs/{job['id']}/result?part=probabilities"
+        return view
+
+
+def iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def not_found(request: Request) -> JSONResponse:
+    return error(404, f"no job {request.path_params['job_id'][:40]!r} (finished jobs are kept SEG_JOB_TTL seconds)")
+
