@@ -227,7 +227,8 @@ class Segmentation:
                     "max_decode_bytes": s.max_decode_bytes, "tile": [MIN_TILE, MAX_REQUEST_TILE],
                     "overlap": [0.0, MAX_OVERLAP], "tta": list(TTA_LEVELS), "timeout": s.timeout,
                     "concurrency": s.concurrency, "header_timeout": s.header_timeout,
-                    "body_timeout": s.body_timeout, "min_body_rate": s.min_body_rate},
+                    "body_timeout": s.body_timeout, "min_body_rate": s.min_body_rate, "job_max_bytes": s.job_max_bytes,
+                    "job_max_pixels": s.job_max_pixels, "job_queue": s.job_queue, "job_ttl": s.job_ttl},
         )  # fmt: skip
 
     def _predict(

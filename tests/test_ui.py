@@ -1,6 +1,7 @@
 """The page at /ui in a real browser (headless Chromium through Selenium), against a running service: it
 uploads a slice, draws the overlay, shows the classes' fractions, downloads the mask and the overlay, asks
-for the API key when the server has one and shows the API's errors."""
+for the API key when the server has one, shows the API's errors, and sends an image past the limit of one
+request as a job whose mask is a download."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from conftest import SAMPLES
+from seg.inference.predictor import Predictor
 from seg.inference.runtime import BUNDLED_MODEL
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -127,12 +130,12 @@ def test_upload_overlay_legend_and_downloads(bundled, browser, tmp_path):
 
 @pytest.fixture(scope="module")
 def guarded_small(conv_onnx_factory, tmp_path_factory):
-    env = {"SEG_API_KEY": KEY, "SEG_MAX_BYTES": "200000", "SEG_DEVICE": "cpu"}
+    env = {"SEG_API_KEY": KEY, "SEG_MAX_BYTES": "200000", "SEG_JOB_MAX_BYTES": "1000000", "SEG_DEVICE": "cpu"}
     with running_server(conv_onnx_factory(classes=3), tmp_path_factory.mktemp("ui-key"), **env) as server:
         yield server
 
 
-def test_api_key_field_and_errors_shown(guarded_small, browser, tmp_path):
+def test_api_key_field_errors_and_jobs_shown(guarded_small, conv_onnx_factory, browser, tmp_path):
     browser.get(guarded_small.url + "/ui/")  # the page itself is open
     wait(browser, lambda d: d.find_element(By.ID, "key-row").is_displayed())
     assert browser.find_element(By.ID, "error").text.startswith("401: ")
@@ -149,8 +152,22 @@ def test_api_key_field_and_errors_shown(guarded_small, browser, tmp_path):
     assert answer.status_code == 400
     assert browser.find_element(By.ID, "error").text == f"400: {answer.json()['error']}"
 
+    # Past SEG_MAX_BYTES: a job, whose mask is a download; past SEG_JOB_MAX_BYTES too: the job's 413.
+    noise = np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)
     big = tmp_path / "big.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big)
+    Image.fromarray(noise[:400, :400]).save(big)
+    assert 200_000 < big.stat().st_size < 1_000_000
+    browser.execute_script("document.getElementById('job-format').value = 'tif'")
     browser.find_element(By.ID, "file").send_keys(str(big))
+    wait(browser, lambda d: state(d) in ("done", "error"))
+    assert state(browser) == "done", browser.find_element(By.ID, "error").text
+    assert "segmented as a job" in browser.find_element(By.ID, "status").text
+    browser.find_element(By.ID, "download-job").click()
+    mask = tifffile.imread(io.BytesIO(downloaded(browser.downloads, "big_mask.tif")))
+    local = Predictor.from_onnx(conv_onnx_factory(classes=3), device="cpu").predict(noise[:400, :400]).mask
+    assert np.array_equal(mask, local) and len(np.unique(local)) > 1
+    huge = tmp_path / "huge.png"
+    Image.fromarray(noise).save(huge)
+    browser.find_element(By.ID, "file").send_keys(str(huge))
     wait(browser, lambda d: d.find_element(By.ID, "error").text.startswith("413: "))
-    assert "200000" in browser.find_element(By.ID, "error").text
+    assert "SEG_JOB_MAX_BYTES" in browser.find_element(By.ID, "error").text
