@@ -2,7 +2,7 @@
 disk, so a server killed mid-job and started again runs the job again from its upload.
 
 SEG_JOB_DIR holds `jobs.sqlite3` (one row per job) and a folder per job: its upload (`input.EXT`, removed when
-the job ends) and its results (`mask.EXT`, `probabilities.tif`). Each worker process runs one `JobRunner`
+the job ends) and its results (`mask.EXT`, `probabilities.tif`; an OME-Zarr as `mask.ome.zarr.zip`). Each worker process runs one `JobRunner`
 thread, which claims the oldest queued job and predicts it with the worker's `Predictor`, band by band
 (`Predictor.predict_file`), so a job's memory is bounded by its image's width. A job whose worker died
 (its process is gone) goes back to the queue; one whose server was told to stop goes back at once.
@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import zipfile
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,8 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 ENDED = ("done", "failed", "cancelled")
 CHECK_SECONDS = 0.5  # a running job reads its state (cancelled?) and writes its progress at most this often
 POLL_SECONDS = 1.0  # an idle runner looks for new jobs (from other workers) this often
-MEDIA_TYPES = {"png": "image/png", "tif": "image/tiff", "ome-tiff": "image/tiff", "geojson": "application/geo+json"}
+MEDIA_TYPES = {"png": "image/png", "tif": "image/tiff", "ome-tiff": "image/tiff", "ome-zarr": "application/zip",
+               "geojson": "application/geo+json"}  # fmt: skip
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -168,7 +170,8 @@ class JobStore:
 
     def outputs(self, job: dict[str, Any]) -> dict[str, Path]:
         folder = self.folder / job["id"]
-        paths = {"mask": folder / f"mask.{FORMATS[job['options']['format']]}"}
+        fmt = job["options"]["format"]
+        paths = {"mask": folder / f"mask.{FORMATS[fmt]}{'.zip' if fmt == 'ome-zarr' else ''}"}  # a folder, zipped
         if job["options"].get("probabilities"):
             paths["probabilities"] = folder / "probabilities.tif"
         return paths
@@ -183,6 +186,18 @@ def _alive(pid: int | None, started: float | None) -> bool:
         return pid is not None and abs(psutil.Process(pid).create_time() - (started or 0)) < 1e-3
     except psutil.Error:
         return False
+
+
+def zip_folder(folder: Path, path: Path) -> None:
+    """`folder` as a zip (stored: Zarr chunks are compressed already) at `path`, written atomically; the
+    folder is removed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                archive.write(file, Path(folder.name) / file.relative_to(folder))
+    tmp.replace(path)
+    shutil.rmtree(folder)
 
 
 def tile_total(predictor: Predictor, path: Path, height: int, width: int, options) -> int:
@@ -219,12 +234,15 @@ class JobRunner(threading.Thread):
         folder, options = self.store.folder / job["id"], job["options"]
         tiling = self.predictor.options.replace(tile=options.get("tile"), overlap=options.get("overlap"), tta=options.get("tta"))
         outputs = self.store.outputs(job)
+        mask = outputs["mask"].with_suffix("") if outputs["mask"].suffix == ".zip" else outputs["mask"]
         on_tiles, check = self._watch(job["id"])
         try:
             self.predictor.predict_file(
-                folder / job["input"], outputs["mask"], tiling, probabilities_path=outputs.get("probabilities"),
+                folder / job["input"], mask, tiling, probabilities_path=outputs.get("probabilities"),
                 on_tiles=on_tiles, check=check,
             )  # fmt: skip
+            if mask != outputs["mask"]:
+                zip_folder(mask, outputs["mask"])
         except Cancelled:
             shutil.rmtree(folder, ignore_errors=True)
             return

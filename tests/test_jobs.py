@@ -7,6 +7,7 @@ The image: a 2048 x 2048 mosaic of real EM slices, run with `tta=flips` so that 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,13 +91,24 @@ def test_a_job_gives_the_mask_of_seg_predict_with_monotone_progress(server, big_
     assert job_id in [job["id"] for job in httpx.get(f"{server.url}/jobs", timeout=10).json()["jobs"]]
 
 
-def test_multipart_geojson_job_and_removal(server, em_image):
+def test_multipart_geojson_and_ome_zarr_jobs_and_removal(server, em_image, tmp_path):
+    import zarr
+
+    zipped = submit(server.url, encode(em_image, "PNG"), format="ome-zarr").json()["id"]
     answer = submit(server.url, encode(em_image, "PNG"), format="geojson")
     assert answer.status_code == 202, answer.text
     status, _ = wait(server.url, answer.json()["id"])
     result = httpx.get(server.url + status["result_url"], timeout=30)
     assert result.headers["content-type"] == "application/geo+json"
     assert result.json()["type"] == "FeatureCollection" and result.json()["features"]
+
+    done, _ = wait(server.url, zipped)
+    result = httpx.get(server.url + done["result_url"], timeout=30)
+    assert result.headers["content-type"] == "application/zip"
+    (tmp_path / "m.zip").write_bytes(result.content)
+    shutil.unpack_archive(tmp_path / "m.zip", tmp_path)
+    labels = zarr.open_group(str(tmp_path / "mask.ome.zarr" / "labels" / "mask"), mode="r")
+    assert labels["0"].shape == em_image.shape and "image-label" in labels.attrs.asdict()
     gone = httpx.delete(f"{server.url}/jobs/{status['id']}", timeout=10)
     assert gone.json() == {"id": status["id"], "state": "removed"}
     assert httpx.get(f"{server.url}/jobs/{status['id']}", timeout=10).status_code == 404

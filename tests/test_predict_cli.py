@@ -133,6 +133,40 @@ def test_ome_tiff_format_is_a_pyramid_with_the_inputs_pixel_size(conv_onnx, em_i
     assert code == 0 and "1 skipped" in output  # a whole OME-TIFF counts as done
 
 
+def test_ome_zarr_format_holds_the_image_and_the_mask_as_its_labels(conv_onnx, em_image, tmp_path):
+    """Read back with ome-zarr-py's reader (as napari-ome-zarr does): a multiscale image, the mask as its
+    label image with the classes and colours, the pixel size as the scale, level 0 = `--format tif`."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Labels, Multiscales, Reader
+
+    rgb = np.stack([np.tile(em_image, (5, 3))[:2100, :1500]] * 3, -1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "slide.tif", rgb, tile=(256, 256), resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "zarr", "--format", "ome-zarr")
+    assert code == 0, output
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "tif", "--format", "tif")
+    mask = tifffile.imread(tmp_path / "tif" / "slide.tif")
+    path = tmp_path / "zarr" / "slide.ome.zarr"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["slide.ome.zarr", "summary.json"]  # no temporary left
+
+    nodes = {node.zarr.path.removeprefix(str(path)).strip("/"): node for node in Reader(parse_url(str(path)))()}
+    image, label = nodes[""], nodes["labels/mask"]
+    assert Multiscales.matches(image.zarr) and Label.matches(label.zarr) and Labels.matches(nodes["labels"].zarr)
+    assert [tuple(level.shape) for level in image.data] == [(3, 2100, 1500), (3, 1050, 750), (3, 525, 375)]
+    assert np.array_equal(np.asarray(image.data[1]), rgb[::2, ::2].transpose(2, 0, 1))
+    assert [tuple(level.shape) for level in label.data] == [(2100, 1500), (1050, 750), (525, 375)]
+    assert np.array_equal(np.asarray(label.data[0]), mask) and np.array_equal(np.asarray(label.data[2]), mask[::4, ::4])
+    assert 0 < mask.mean() < 1  # both classes: the comparison means something
+    scales = [t[0]["scale"] for t in image.metadata["coordinateTransformations"]]
+    assert scales[0] == [1.0, pytest.approx(0.5), pytest.approx(0.5)] and scales[2][1:] == [pytest.approx(2.0)] * 2
+    colours = label.zarr.root_attrs["image-label"]["colors"]
+    assert [c["label-value"] for c in colours] == [0, 1] and all(len(c["rgba"]) == 4 for c in colours)
+
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "zarr", "--format", "ome-zarr")
+    assert code == 0 and "1 skipped" in output  # a finished OME-Zarr counts as done
+
+
 def test_whole_slide_and_pyramidal_inputs_are_read_at_full_resolution(conv_onnx, em_image, tmp_path):
     """An Aperio SVS (a TIFF with its MPP in the description) found in a folder, and a pyramidal OME-TIFF
     (seg's own output) as input: both segmented at level 0, the pixel size carried into the OME-TIFF."""

@@ -167,3 +167,34 @@ def test_geojson_without_its_libraries_is_one_line(tmp_path, monkeypatch):
         with band_writer(tmp_path / "m.geojson", 10, 10, np.uint8, classes=["bg", "fg"]):
             pass
     assert list(tmp_path.iterdir()) == [] and "pip install" in GEO_EXTRA
+
+
+def test_ome_zarr_is_written_in_memory_of_a_few_bands(tmp_path):
+    """The image and its mask, 32 MB each, through OME-Zarr in bands of 256 rows: peak traced memory does not
+    grow with the height, and each level is every other pixel of the one above."""
+    from seg.io.sources import ArraySource
+
+    band, width, height = 256, 2048, 16384
+    rows = _mosaic(band, width)
+    image = ArraySource(np.tile(rows, (height // band, 1)), "mosaic")
+    mask = (rows > 128).astype(np.uint8)
+
+    def write(name: str, height: int) -> int:
+        tracemalloc.start()
+        with band_writer(tmp_path / name, height, width, np.uint8, source=image, classes=["a", "b"], palette=[[0, 0, 0], [255, 0, 0]]) as writer:
+            for _ in range(0, height, band):
+                writer.write(mask)
+        most = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return most
+
+    write("warm.ome.zarr", 2048)
+    short, most = write("short.ome.zarr", 4096), write("m.ome.zarr", height)
+    assert most < 1.5 * short and most < height * width / 2, f"{most / 1e6:.1f} MB, {short / 1e6:.1f} MB for a quarter"
+    import zarr
+
+    labels = zarr.open_group(str(tmp_path / "m.ome.zarr" / "labels" / "mask"), mode="r")
+    assert [labels[str(k)].shape for k in range(5)] == [(16384, 2048), (8192, 1024), (4096, 512), (2048, 256), (1024, 128)]
+    assert np.array_equal(labels["3"][:32], mask[::8, ::8])
+    assert output_is_whole(tmp_path / "m.ome.zarr", height, width)
+    assert not output_is_whole(tmp_path / "m.ome.zarr", height, width + 1)

@@ -28,7 +28,7 @@ def predict(
     overlay: bool = typer.Option(False, "--overlay", help="Also write STEM.overlay.png, the image with the coloured mask."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32."),
     confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),
-    fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG), tif (tiled TIFF), ome-tiff (pyramidal, for QuPath, Fiji, napari) or geojson (polygons per class, as QuPath imports them)."),
+    fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG), tif (tiled TIFF), ome-tiff (pyramidal, for QuPath, Fiji, napari), ome-zarr (the image with the mask as its labels, for napari) or geojson (polygons per class, as QuPath imports them)."),
     force: bool = typer.Option(False, "--force", help="Predict again even where outputs made the same way exist."),
     num_parts: int = typer.Option(1, "--num-parts", help="Split the inputs into this many parts (job arrays; see --part-id)."),
     part_id: int = typer.Option(0, "--part-id", help="The part to predict, 0 to --num-parts - 1; it writes summary.part-I-of-K.json."),

@@ -1,5 +1,5 @@
-"""Images written by row bands as a prediction finishes them: PNG, tiled TIFF, pyramidal OME-TIFF and
-GeoJSON polygons (`band_writer`), multi-page TIFF stacks (`page_writer`), and the check that an earlier
+"""Images written by row bands as a prediction finishes them: PNG, tiled TIFF, pyramidal OME-TIFF, OME-Zarr
+and GeoJSON polygons (`band_writer`), multi-page TIFF stacks (`page_writer`), and the check that an earlier
 output is whole (`output_is_whole`).
 
 Every file is written into a temporary file beside its path and renamed onto it when complete.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import struct
 import threading
 import zlib
@@ -23,6 +24,8 @@ from seg.io.geojson import GeoJsonBandWriter, geojson_is_whole
 from seg.io.headers import TIFF_SUFFIXES
 from seg.io.headers import png_size
 from seg.io.images import atomic_path
+from seg.io.omezarr import OmeZarrBandWriter
+from seg.io.omezarr import is_whole as omezarr_is_whole
 from seg.io.sources import round_up
 
 WRITE_TILE = 256  # tile side of the TIFFs we write
@@ -49,7 +52,7 @@ class BandWriter:
 @contextmanager
 def band_writer(
     path: str | Path, height: int, width: int, dtype: Any, samples: int = 1, palette: Sequence | None = None,
-    pixel_size: tuple[float, float] | None = None, classes: Sequence[str] = (),
+    pixel_size: tuple[float, float] | None = None, classes: Sequence[str] = (), source: Any = None,
 ) -> Iterator[BandWriter]:  # fmt: skip
     """A BandWriter into a temporary file beside `path`, renamed onto `path` when complete and removed on
     error: a PNG for .png, a pyramidal OME-TIFF for .ome.tif/.ome.tiff, a tiled zlib TIFF for .tif/.tiff, a
@@ -63,12 +66,23 @@ def band_writer(
         samples: values per pixel (1 for a mask, 3 for RGB, K for probabilities).
         palette: RGB colours for a PNG mask (a palette PNG).
         pixel_size: (y, x) micrometres per pixel, for an OME-TIFF's metadata.
-        classes: the class names, for GeoJSON features.
+        classes: the class names, for GeoJSON features and OME-Zarr label properties.
+        source: the `ImageSource` predicted, whose pixels an OME-Zarr holds beside the mask.
     """
     path, dtype = Path(path), np.dtype(dtype)
     suffix = path.suffix.lower()
+    if is_ome_zarr(path):
+        with atomic_folder(path) as tmp:
+            writer = OmeZarrBandWriter(tmp, height, width, dtype, source, classes, palette, pixel_size)
+            try:
+                yield writer  # type: ignore[misc]
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+        return
     if suffix not in (*TIFF_SUFFIXES, ".png", ".geojson"):
-        raise SegError(f"{path}: write .png, .tif or .geojson, not {path.suffix!r}")
+        raise SegError(f"{path}: write .png, .tif, .ome.zarr or .geojson, not {path.suffix!r}")
     with atomic_path(path) as tmp:
         if suffix == ".png":
             writer: BandWriter = PngBandWriter(tmp, height, width, dtype, samples, palette)
@@ -84,6 +98,24 @@ def band_writer(
             writer.abort()
             raise
         writer.close()
+
+
+def is_ome_zarr(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(".ome.zarr")
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path`, put in its place (an older one removed) when complete, else removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_ome_tiff(path: str | Path) -> bool:
@@ -371,6 +403,8 @@ class OmeTiffBandWriter(TiffBandWriter):
 def output_is_whole(path: str | Path, height: int, width: int) -> bool:
     """True when `path` is a complete PNG or TIFF of the given size (written by us, or otherwise whole)."""
     path = Path(path)
+    if is_ome_zarr(path):
+        return omezarr_is_whole(path, height, width)
     if not path.is_file():
         return False
     try:

@@ -86,6 +86,10 @@ def run_batch(
         from seg.io.geojson import check_libraries
 
         check_libraries()  # before any work
+    if fmt == "ome-zarr":
+        from seg.io.omezarr import check_library
+
+        check_library()
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise SegError(f"--part-id {part_id} of --num-parts {num_parts}: need 0 <= part id < parts")
     if ray is not None:

@@ -16,7 +16,7 @@ from seg.io.headers import image_size, stack_size
 from seg.io.writers import output_is_whole
 from seg.jobs.job import Job
 
-FORMATS = {"png": "png", "tif": "tif", "ome-tiff": "ome.tif", "geojson": "geojson"}  # --format: the mask's suffix
+FORMATS = {"png": "png", "tif": "tif", "ome-tiff": "ome.tif", "ome-zarr": "ome.zarr", "geojson": "geojson"}  # --format: the mask's suffix
 
 
 def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:

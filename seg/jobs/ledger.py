@@ -122,7 +122,7 @@ def previous_entries(path: Path) -> dict[str, dict]:
         entries = [*summary.get("earlier", []), *summary["images"]]
         return {
             e["input"]: e for e in entries
-            if e.get("status") != "failed" and e.get("made_with") and Path(e["outputs"]["mask"]).is_file()
+            if e.get("status") != "failed" and e.get("made_with") and Path(e["outputs"]["mask"]).exists()
         }  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
