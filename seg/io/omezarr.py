@@ -2,7 +2,7 @@
 the mask as its label image `labels/mask`, as napari (napari-ome-zarr) and ome-zarr-py read them.
 
 Each level takes every other row and column of the one above (a mask's classes stay classes), down to a
-longest side of PYRAMID_SIDE, as the OME-TIFF writer does. Bands go straight into the Zarr arrays (chunks of
+longest side of 1024, as the OME-TIFF writer does (`seg.io.writers.pyramid_sizes`). Bands go straight into the Zarr arrays (chunks of
 CHUNK x CHUNK), so memory stays at a band of each level. The NGFF metadata is written by ome-zarr-py (the
 optional `seg[ome]`: `pip install "seg[ome]"`).
 """
@@ -43,17 +43,16 @@ class OmeZarrBandWriter:
     """See the module docstring. `write(mask_rows)` takes the mask's next rows; the image's same rows come from
     `source` (an `ImageSource`)."""
 
-    def __init__(self, path: Path, height: int, width: int, dtype: np.dtype, source: Any,
+    def __init__(self, path: Path, sizes: list[tuple[int, int]], dtype: np.dtype, source: Any,
                  classes: Sequence[str] = (), palette: Sequence | None = None,
                  pixel_size: tuple[float, float] | None = None):  # fmt: skip
+        """`sizes`: (height, width) of each level, the image's first."""
         import zarr
-
-        from seg.io.writers import pyramid_sizes
 
         check_library()
         self.path, self.source, self.y = Path(path), source, 0
         self.classes, self.palette, self.pixel_size = list(classes), palette, pixel_size
-        self.sizes = pyramid_sizes(height, width)
+        self.sizes = sizes
         self.root = zarr.open_group(str(path), mode="w", zarr_format=2)
         channels = source.channels
         image_shape = (lambda h, w: (channels, h, w)) if channels > 1 else (lambda h, w: (h, w))

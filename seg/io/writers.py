@@ -73,7 +73,7 @@ def band_writer(
     suffix = path.suffix.lower()
     if is_ome_zarr(path):
         with atomic_folder(path) as tmp:
-            writer = OmeZarrBandWriter(tmp, height, width, dtype, source, classes, palette, pixel_size)
+            writer = OmeZarrBandWriter(tmp, pyramid_sizes(height, width), dtype, source, classes, palette, pixel_size)
             try:
                 yield writer  # type: ignore[misc]
             except BaseException:
