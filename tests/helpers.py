@@ -106,12 +106,35 @@ def running_server(model: Path, folder: Path, **env: str) -> Iterator[Server]:
             time.sleep(0.25)
         yield Server(url, proc.pid, log)
     finally:
+        workers = server_workers(proc.pid)
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the server and its workers
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the server
             proc.wait()
+        kill_workers(workers)  # each worker has a session of its own: none outlives its test
+
+
+def server_workers(pid: int) -> list[int]:
+    """The worker processes of the server `pid` (Linux)."""
+    workers = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{pid}\n" in status.read_text():
+                workers.append(int(status.parent.name))
+        except (OSError, ValueError):
+            continue
+    return workers
+
+
+def kill_workers(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            if b"_bentoml_impl" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def send_head(url: str, head: str, body: bytes = b"") -> socket.socket:

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from helpers import KEY, Server, encode, running_server
+from helpers import KEY, Server, encode, kill_workers, running_server, server_workers
 
 from seg.inference.runtime import BUNDLED_MODEL
 
@@ -201,7 +201,10 @@ def test_a_server_killed_mid_job_finishes_it_after_a_restart(big_png, big_path, 
             status = httpx.get(f"{s.url}/jobs/{job_id}", timeout=10).json()
             time.sleep(0.1)
         assert status["state"] == "running"
-        os.killpg(s.pid, signal.SIGKILL)  # the server and its worker, mid-job
+        workers = server_workers(s.pid)
+        assert workers
+        os.killpg(s.pid, signal.SIGKILL)  # the server, and its worker (in a session of its own), mid-job
+        kill_workers(workers)
     (tmp_path / "second").mkdir()
     with running_server(BUNDLED_MODEL, tmp_path / "second", SEG_JOB_TTL="5", **env) as s:
         status, _ = wait(s.url, job_id)
