@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
-from seg.io.headers import TIFF_MAGIC, header_size, image_size, unsupported_format
+from seg.io.headers import TIFF_MAGIC, header_size, image_size, stack_size, unsupported_format
 from seg.jobs.inputs import FORMATS
 from serving.gate import MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
 from serving.jobs import MEDIA_TYPES, JobRunner, tile_total
@@ -89,6 +89,8 @@ class JobRoutes:
             options = self._options(fields)
             name, height, width = self._check_image(upload)
             upload.rename(folder / name)
+            if options.format != "tif" and stack_size(folder / name) > 1:
+                raise BodyError(400, f"a stack of {stack_size(folder / name)} slices is segmented into a multi-page TIFF; send format=tif")
             tiling = self.runner.predictor.options.replace(tile=options.tile, overlap=options.overlap, tta=options.tta)
             tiles = tile_total(self.runner.predictor, folder / name, height, width, tiling)
             self.store.add(job_id, options.model_dump(), name, height, width, tiles)
@@ -148,6 +150,10 @@ class JobRoutes:
                 form = await MultiPartParser(Headers(scope=request.scope), chunks, max_files=1, max_fields=MAX_FIELDS).parse()
             except MultiPartException as err:
                 raise BodyError(400, f"malformed multipart body: {err.message}") from None
+            except (BodyError, Disconnected):
+                raise
+            except Exception as err:  # python-multipart on bytes it cannot make sense of
+                raise BodyError(400, f"malformed multipart body ({type(err).__name__})") from None
             try:
                 images = form.getlist("image")
                 if len(images) != 1 or not isinstance(images[0], UploadFile):

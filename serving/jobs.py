@@ -164,9 +164,8 @@ class JobStore:
         for job_id in old:
             shutil.rmtree(self.folder / job_id, ignore_errors=True)
         for folder in self.folder.iterdir():
-            stale = now - folder.stat().st_mtime > 3600  # an upload in progress is younger than that
-            if folder.is_dir() and len(folder.name) == 32 and folder.name not in known and stale:
-                shutil.rmtree(folder, ignore_errors=True)
+            if folder.is_dir() and len(folder.name) == 32 and folder.name not in known and _idle(folder, now) > 3600:
+                shutil.rmtree(folder, ignore_errors=True)  # an upload still arriving was written to in the last hour
 
     def outputs(self, job: dict[str, Any]) -> dict[str, Path]:
         folder = self.folder / job["id"]
@@ -179,6 +178,14 @@ class JobStore:
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:
     return {**dict(row), "options": json.loads(row["options"])}
+
+
+def _idle(folder: Path, now: float) -> float:
+    """Seconds since anything in `folder` was last written."""
+    try:
+        return now - max(p.stat().st_mtime for p in [folder, *folder.iterdir()])
+    except OSError:  # removed meanwhile
+        return 0.0
 
 
 def _alive(pid: int | None, started: float | None) -> bool:
