@@ -130,8 +130,8 @@ def main() -> None:
         crop = tmp / "crop.tif"
         make_image(crop, min(WRITERS_SIDE, args.side))
         writers = {fmt: predict(crop, tmp / f"w_{fmt}", fmt)["seconds"] for fmt in ("tif", "ome-tiff", "geojson")}
-        results["writers"] = {"side": min(WRITERS_SIDE, args.side), "seconds": writers,
-                              **{f"{fmt}_share": round(1 - writers["tif"] / writers[fmt], 3) for fmt in ("ome-tiff", "geojson")}}  # fmt: skip
+        shares = {f"{fmt}_share": round(1 - writers["tif"] / writers[fmt], 3) for fmt in ("ome-tiff", "geojson")}
+        results["writers"] = {"side": min(WRITERS_SIDE, args.side), "seconds": writers, **shares}
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

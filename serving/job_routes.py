@@ -89,8 +89,9 @@ class JobRoutes:
             options = self._options(fields)
             name, height, width = self._check_image(upload)
             upload.rename(folder / name)
-            if options.format != "tif" and stack_size(folder / name) > 1:
-                raise BodyError(400, f"a stack of {stack_size(folder / name)} slices is segmented into a multi-page TIFF; send format=tif")
+            slices = stack_size(folder / name)
+            if options.format != "tif" and slices > 1:
+                raise BodyError(400, f"a stack of {slices} slices is segmented into a multi-page TIFF; send format=tif")
             tiling = self.runner.predictor.options.replace(tile=options.tile, overlap=options.overlap, tta=options.tta)
             tiles = tile_total(self.runner.predictor, folder / name, height, width, tiling)
             self.store.add(job_id, options.model_dump(), name, height, width, tiles)
@@ -234,4 +235,3 @@ def error(status: int, message: str) -> JSONResponse:
 
 def not_found(request: Request) -> JSONResponse:
     return error(404, f"no job {request.path_params['job_id'][:40]!r} (finished jobs are kept SEG_JOB_TTL seconds)")
-

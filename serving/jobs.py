@@ -2,9 +2,10 @@
 disk, so a server killed mid-job and started again runs the job again from its upload.
 
 SEG_JOB_DIR holds `jobs.sqlite3` (one row per job) and a folder per job: its upload (`input.EXT`, removed when
-the job ends) and its results (`mask.EXT`, `probabilities.tif`; an OME-Zarr as `mask.ome.zarr.zip`). Each worker process runs one `JobRunner`
-thread, which claims the oldest queued job and predicts it with the worker's `Predictor`, band by band
-(`Predictor.predict_file`), so a job's memory is bounded by its image's width. A job whose worker died
+the job ends) and its results (`mask.EXT`, `probabilities.tif`; an OME-Zarr as `mask.ome.zarr.zip`). Each
+worker process runs one `JobRunner` thread, which claims the oldest queued job and predicts it with the
+worker's `Predictor`, band by band (`Predictor.predict_file`), so a job's memory is bounded by its image's
+width. A job whose worker died
 (its process is gone) goes back to the queue; one whose server was told to stop goes back at once.
 """
 
@@ -76,7 +77,8 @@ class JobStore:
     def add(self, job_id: str, options: dict[str, Any], input_name: str, height: int, width: int, tiles: int) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT INTO jobs (id, state, options, input, width, height, tiles_total, created) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, state, options, input, width, height, tiles_total, created)"
+                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
                 (job_id, json.dumps(options), input_name, width, height, tiles, time.time()),
             )
 
@@ -103,7 +105,8 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is not None:
                 db.execute(
-                    "UPDATE jobs SET state = 'running', started = ?, tiles_done = 0, owner_pid = ?, owner_started = ? WHERE id = ?",
+                    "UPDATE jobs SET state = 'running', started = ?, tiles_done = 0, owner_pid = ?, owner_started = ?"
+                    " WHERE id = ?",
                     (time.time(), me.pid, me.create_time(), row["id"]),
                 )
             db.execute("COMMIT")
@@ -156,9 +159,10 @@ class JobStore:
             rows = db.execute("SELECT id, owner_pid, owner_started FROM jobs WHERE state = 'running'").fetchall()
             for row in rows:
                 if not _alive(row["owner_pid"], row["owner_started"]):
-                    db.execute("UPDATE jobs SET state = 'queued', tiles_done = 0 WHERE id = ? AND state = 'running'", (row["id"],))
-            old = [r["id"] for r in db.execute(
-                "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished < ?", (now - self.ttl,))]  # fmt: skip
+                    db.execute("UPDATE jobs SET state = 'queued', tiles_done = 0 WHERE id = ? AND state = 'running'",
+                               (row["id"],))  # fmt: skip
+            ended = "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished < ?"
+            old = [r["id"] for r in db.execute(ended, (now - self.ttl,))]
             db.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in old])
             known = {r["id"] for r in db.execute("SELECT id FROM jobs")}
         for job_id in old:

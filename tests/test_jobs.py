@@ -148,6 +148,7 @@ def test_cancel_stops_a_running_job_and_the_next_one_runs(server, big_png, em_im
 )
 def test_bad_job_requests_get_a_4xx_with_a_json_error(server, em_image, case, status, message):
     png, url = encode(em_image, "PNG"), server.url
+    stack = encode(np.stack([em_image] * 3), "TIFF", photometric="minisblack", metadata={"axes": "ZYX"})
     answer = {
         "not an image": lambda: submit(url, b"GIF89a" + bytes(100), raw=True),
         "tile too large": lambda: submit(url, png, tile="99999"),
@@ -155,7 +156,7 @@ def test_bad_job_requests_get_a_4xx_with_a_json_error(server, em_image, case, st
         "unknown field": lambda: submit(url, png, colour="red"),
         "two images": lambda: httpx.post(f"{url}/jobs", files=[("image", ("a.png", png)), ("image", ("b.png", png))]),
         "over SEG_JOB_MAX_PIXELS": lambda: submit(url, encode(np.zeros((2049, 2048), np.uint8), "PNG"), raw=True),
-        "a stack as PNG": lambda: submit(url, encode(np.stack([em_image] * 3), "TIFF", photometric="minisblack", metadata={"axes": "ZYX"}), raw=True),
+        "a stack as PNG": lambda: submit(url, stack, raw=True),
         "Content-Type": lambda: httpx.post(f"{url}/jobs", content=png, headers={"content-type": "text/plain"}),
         "unknown job": lambda: httpx.get(f"{url}/jobs/{'0' * 32}"),
         "bad job id": lambda: httpx.get(f"{url}/jobs/not-a-job"),

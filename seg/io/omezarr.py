@@ -2,9 +2,9 @@
 the mask as its label image `labels/mask`, as napari (napari-ome-zarr) and ome-zarr-py read them.
 
 Each level takes every other row and column of the one above (a mask's classes stay classes), down to a
-longest side of 1024, as the OME-TIFF writer does (`seg.io.writers.pyramid_sizes`). Bands go straight into the Zarr arrays (chunks of
-CHUNK x CHUNK), so memory stays at a band of each level. The NGFF metadata is written by ome-zarr-py (the
-optional `seg[ome]`: `pip install "seg[ome]"`).
+longest side of 1024, as the OME-TIFF writer does (`seg.io.writers.pyramid_sizes`). Bands go straight into
+the Zarr arrays (chunks of CHUNK x CHUNK), so memory stays at a band of each level. The NGFF metadata is
+written by ome-zarr-py (the optional `seg[ome]`: `pip install "seg[ome]"`).
 """
 
 from __future__ import annotations
