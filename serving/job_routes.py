@@ -81,7 +81,8 @@ class JobRoutes:
     # -- the routes ----------------------------------------------------------------------------------------
     async def submit(self, request: Request) -> Response:
         if self.store.waiting() >= self.settings.job_queue:
-            return error(429, f"{self.settings.job_queue} jobs are queued or running (SEG_JOB_QUEUE); send it again later")
+            return error(429, f"{self.settings.job_queue} jobs are queued or running (SEG_JOB_QUEUE); send it again later",
+                         close=True)  # fmt: skip
         job_id, folder = self.store.new_folder()
         upload = folder / "upload"
         try:
@@ -97,7 +98,7 @@ class JobRoutes:
             self.store.add(job_id, options.model_dump(), name, height, width, tiles)
         except BodyError as err:
             shutil.rmtree(folder, ignore_errors=True)
-            return error(err.status, str(err))
+            return error(err.status, str(err), close=True)  # the rest of the body may be unread
         except Disconnected:
             shutil.rmtree(folder, ignore_errors=True)
             return Response(status_code=499)
@@ -229,8 +230,8 @@ def iso(seconds: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, close: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
 
 def not_found(request: Request) -> JSONResponse:

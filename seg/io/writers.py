@@ -56,7 +56,8 @@ def band_writer(
 ) -> Iterator[BandWriter]:  # fmt: skip
     """A BandWriter into a temporary file beside `path`, renamed onto `path` when complete and removed on
     error: a PNG for .png, a pyramidal OME-TIFF for .ome.tif/.ome.tiff, a tiled zlib TIFF for .tif/.tiff, a
-    mask's polygons for .geojson (`seg.io.geojson`).
+    mask's polygons for .geojson (`seg.io.geojson`), an OME-Zarr folder of the image and the mask for
+    .ome.zarr (`seg.io.omezarr`).
 
     Args:
         path: the output file.
@@ -70,22 +71,16 @@ def band_writer(
         source: the `ImageSource` predicted, whose pixels an OME-Zarr holds beside the mask.
     """
     path, dtype = Path(path), np.dtype(dtype)
-    suffix = path.suffix.lower()
-    if is_ome_zarr(path):
-        with atomic_folder(path) as tmp:
-            writer = OmeZarrBandWriter(tmp, pyramid_sizes(height, width), dtype, source, classes, palette, pixel_size)
-            try:
-                yield writer  # type: ignore[misc]
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-        return
-    if suffix not in (*TIFF_SUFFIXES, ".png", ".geojson"):
+    suffix, folder = path.suffix.lower(), is_ome_zarr(path)
+    if suffix not in (*TIFF_SUFFIXES, ".png", ".geojson") and not folder:
         raise SegError(f"{path}: write .png, .tif, .ome.zarr or .geojson, not {path.suffix!r}")
-    with atomic_path(path) as tmp:
-        if suffix == ".png":
-            writer: BandWriter = PngBandWriter(tmp, height, width, dtype, samples, palette)
+    with atomic_folder(path) if folder else atomic_path(path) as tmp:
+        writer: BandWriter
+        if folder:
+            sizes = pyramid_sizes(height, width)
+            writer = OmeZarrBandWriter(tmp, sizes, dtype, source, classes, palette, pixel_size)  # type: ignore[assignment]
+        elif suffix == ".png":
+            writer = PngBandWriter(tmp, height, width, dtype, samples, palette)
         elif suffix == ".geojson":
             writer = GeoJsonBandWriter(tmp, height, width, classes, palette)  # type: ignore[assignment]
         elif is_ome_tiff(path):
@@ -401,7 +396,8 @@ class OmeTiffBandWriter(TiffBandWriter):
 
 
 def output_is_whole(path: str | Path, height: int, width: int) -> bool:
-    """True when `path` is a complete PNG or TIFF of the given size (written by us, or otherwise whole)."""
+    """True when `path` is a complete PNG, TIFF, GeoJSON or OME-Zarr of the given size (written by us, or
+    otherwise whole)."""
     path = Path(path)
     if is_ome_zarr(path):
         return omezarr_is_whole(path, height, width)
