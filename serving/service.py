@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import copy
-import math
 import dataclasses
+import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Callable, Iterable, Literal
 
@@ -52,7 +54,20 @@ SETTINGS = Settings.from_env()
 if not SETTINGS.model.is_file():  # fail at import: BentoML would restart a failing worker forever
     raise SegError(f"{SETTINGS.model}: no such ONNX model; set SEG_MODEL to a model written by `seg export`")
 MAX_OVERLAP = 0.5  # at most 4 tiles cover a pixel: the work per request stays bounded
-JOBS = JobRunner(JobStore(SETTINGS.job_dir, SETTINGS.job_ttl))  # started with the worker's predictor
+
+
+def job_store(settings: Settings) -> JobStore:
+    """The job store in SEG_JOB_DIR; when that is not set and its default is not writable (a read-only home),
+    in the temporary folder, so that the synchronous endpoints still serve."""
+    try:
+        return JobStore(settings.job_dir, settings.job_ttl)
+    except SegError:
+        if os.environ.get("SEG_JOB_DIR"):
+            raise
+        return JobStore(Path(tempfile.gettempdir()) / f"seg-jobs-{os.getuid()}", settings.job_ttl)
+
+
+JOBS = JobRunner(job_store(SETTINGS))  # started with the worker's predictor
 
 ImageFile = Annotated[Path, Field(description="PNG, JPEG, BMP or TIFF; 8/16-bit, grey, RGB(A) or multi-channel")]
 # strict, as the schema says: 64.0 for a tile, 0 for tta or true for a fraction are refused, not converted
