@@ -30,7 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
 from seg.io.headers import TIFF_MAGIC, header_size, image_size, stack_size, unsupported_format
-from seg.jobs.inputs import FORMATS
+from seg.io.writers import FORMATS
 from serving.gate import MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
 from serving.jobs import MEDIA_TYPES, JobRunner, tile_total
 from serving.settings import Settings

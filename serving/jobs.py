@@ -27,7 +27,7 @@ import psutil
 from seg.errors import SegError
 from seg.inference.predictor import Predictor
 from seg.io.headers import stack_size
-from seg.jobs.inputs import FORMATS
+from seg.io.writers import FORMATS
 from serving.lifecycle import STOPPING, ShuttingDown
 
 STATES = ("queued", "running", "done", "failed", "cancelled")

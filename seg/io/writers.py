@@ -29,6 +29,7 @@ from seg.io.omezarr import is_whole as omezarr_is_whole
 from seg.io.sources import round_up
 
 WRITE_TILE = 256  # tile side of the TIFFs we write
+FORMATS = {"png": "png", "tif": "tif", "ome-tiff": "ome.tif", "ome-zarr": "ome.zarr", "geojson": "geojson"}  # a mask's suffix
 
 
 def write_tile(height: int, width: int) -> tuple[int, int]:

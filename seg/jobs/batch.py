@@ -37,7 +37,8 @@ from rich.text import Text
 from seg.errors import SegError
 from seg.inference.predictor import Predictor
 from seg.inference.tiling import TilingOptions
-from seg.jobs.inputs import FORMATS, check_writable, expand_inputs, is_done, plan_outputs
+from seg.io.writers import FORMATS
+from seg.jobs.inputs import check_writable, expand_inputs, is_done, plan_outputs
 from seg.jobs.job import Job, run_job
 from seg.jobs.ledger import COUNTS, SummaryFile, file_sha256, made_with, previous_entries, same_making
 from seg.jobs.progress import Progress

@@ -13,10 +13,9 @@ from seg.errors import SegError
 from seg.inference.runtime import default_model
 from seg.io.headers import is_image_file
 from seg.io.headers import image_size, stack_size
-from seg.io.writers import output_is_whole
+from seg.io.writers import FORMATS, output_is_whole
 from seg.jobs.job import Job
 
-FORMATS = {"png": "png", "tif": "tif", "ome-tiff": "ome.tif", "ome-zarr": "ome.zarr", "geojson": "geojson"}  # --format: the mask's suffix
 
 
 def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
