@@ -109,14 +109,15 @@ def spread(values: list[float]) -> str:
 
 def table(rows: list[dict], speed: dict[str, float]) -> str:
     """Per set and architecture: the object's IoU (mean ± sd over seeds), s/step (from the runs not marked
-    `loaded`), and prediction MP/s."""
+    `loaded`; from the loaded ones, marked *, when all are), and prediction MP/s."""
     lines = ["| set | arch | seeds | test IoU | s/step (train) | predict MP/s |", "|---|---|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r["set"], ("unet", *ARCHS).index(r["arch"]))):
         groups.setdefault((r["set"], r["arch"]), []).append(r)
     for (name, arch), group in groups.items():
-        timed = [r for r in group if not r.get("loaded")]  # runs that shared the cores with other jobs: no time
-        seconds = f"{sum(r['train_seconds'] for r in timed) / sum(r['steps'] for r in timed):.2f}" if timed else ""
+        timed = [r for r in group if not r.get("loaded")] or group  # runs that shared the cores count only alone
+        seconds = f"{sum(r['train_seconds'] for r in timed) / sum(r['steps'] for r in timed):.2f}"
+        seconds += " *" if timed[0].get("loaded") else ""
         mps = speed.get(arch) if speed.get("set") == name else None
         lines.append(f"| {name} | {arch} | {len(group)} | {spread([r['iou'] for r in group])} | {seconds} | "
                      + (f"{mps:.2f}" if mps else "") + " |")

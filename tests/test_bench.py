@@ -114,3 +114,10 @@ def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean
     lines = architectures.table(rows, {"set": "horses", "unet": 1.25, "refinenet_lw": 0.5}).splitlines()
     assert lines[2] == "| horses | unet | 2 | 0.650 ± 0.071 | 10.00 | 1.25 |"
     assert lines[3] == "| horses | refinenet_lw | 2 | 0.550 ± 0.071 | 20.00 | 0.50 |"
+    rows += [{"set": "horses", "seed": s, "arch": "refinenet", "steps": 100, "train_seconds": t, "iou": 0.4, "loaded": loaded}
+             for s, t, loaded in ((0, 9000.0, True), (1, 3000.0, False))]  # fmt: skip
+    rows += [{"set": "horses", "seed": 0, "arch": "refinenet", "steps": 100, "train_seconds": 4000.0, "iou": 0.4, "loaded": True}]
+    lines = architectures.table(rows, {}).splitlines()
+    assert lines[3].split(" | ")[4] == "30.00"  # the run that had the cores to itself
+    only_loaded = [r for r in rows if r["arch"] != "refinenet" or r.get("loaded")]
+    assert architectures.table(only_loaded, {}).splitlines()[3].split(" | ")[4] == "65.00 *"
