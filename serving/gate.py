@@ -125,17 +125,9 @@ class Gate:
         if job:  # the job routes read their own bodies (streamed to disk, up to SEG_JOB_MAX_BYTES)
             return await self._job_request(scope, receive, send, headers, content_type)
         upload = scope["path"] in self.upload_routes
-        accepted = UPLOAD_TYPES if upload else JSON_TYPES
-        if content_type not in accepted:
-            takes = "multipart/form-data or the image itself as " + ", ".join(IMAGE_TYPES)
-            wanted = takes if upload else "application/json or no body"
-            return await reply(send, 415, f"Content-Type {content_type[:100]!r} is not accepted here; send {wanted}")
-        length = headers.get("content-length")
-        if length is not None and not length.isdigit():
-            return await reply(send, 400, f"bad Content-Length {length!r}")
-        if length is not None and int(length) > self.max_bytes:
-            return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
-                                          f"{self.max_bytes} (SEG_MAX_BYTES)")  # fmt: skip
+        refused = head_error(headers, content_type, upload, self.max_bytes, "SEG_MAX_BYTES")
+        if refused:
+            return await reply(send, *refused)
         try:
             body = await self._read_body(receive)
         except BodyError as err:
@@ -164,15 +156,9 @@ class Gate:
         """A request to the job routes: an upload's Content-Type and Content-Length are checked here, its body is
         read by the route."""
         if scope["method"] == "POST" and scope["path"] == JOBS:
-            if content_type not in UPLOAD_TYPES:
-                takes = "multipart/form-data or the image itself as " + ", ".join(IMAGE_TYPES)
-                return await reply(send, 415, f"Content-Type {content_type[:100]!r} is not accepted here; send {takes}")
-            length = headers.get("content-length")
-            if length is not None and not length.isdigit():
-                return await reply(send, 400, f"bad Content-Length {length!r}")
-            if length is not None and int(length) > self.job_max_bytes:
-                return await reply(send, 413, f"request body of {int(length)} bytes is over the limit of "
-                                              f"{self.job_max_bytes} (SEG_JOB_MAX_BYTES)")  # fmt: skip
+            refused = head_error(headers, content_type, True, self.job_max_bytes, "SEG_JOB_MAX_BYTES")
+            if refused:
+                return await reply(send, *refused)
         await self.app(scope, receive, send)
 
     async def _read_body(self, receive: Receive) -> Body | None:
@@ -243,6 +229,23 @@ class Body:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def head_error(
+    headers: dict[str, str], content_type: str, upload: bool, max_bytes: int, limit_name: str
+) -> tuple[int, str] | None:
+    """(status, message) for a request whose head already refuses it: a Content-Type the route does not take
+    (415), a bad Content-Length (400) or one past `max_bytes` (413); None otherwise."""
+    if content_type not in (UPLOAD_TYPES if upload else JSON_TYPES):
+        takes = "multipart/form-data or the image itself as " + ", ".join(IMAGE_TYPES)
+        wanted = takes if upload else "application/json or no body"
+        return 415, f"Content-Type {content_type[:100]!r} is not accepted here; send {wanted}"
+    length = headers.get("content-length")
+    if length is not None and not length.isdigit():
+        return 400, f"bad Content-Length {length!r}"
+    if length is not None and int(length) > max_bytes:
+        return 413, f"request body of {int(length)} bytes is over the limit of {max_bytes} ({limit_name})"
+    return None
 
 
 class BodyError(Exception):
