@@ -32,7 +32,7 @@ from starlette.routing import Route, Router
 from seg.io.headers import TIFF_MAGIC, header_size, image_size, stack_size, unsupported_format
 from seg.io.writers import FORMATS
 from serving.gate import MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
-from serving.jobs import MEDIA_TYPES, JobRunner, tile_total
+from serving.jobs import MEDIA_TYPES, JobRunner
 from serving.settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -94,7 +94,7 @@ class JobRoutes:
             if options.format != "tif" and slices > 1:
                 raise BodyError(400, f"a stack of {slices} slices is segmented into a multi-page TIFF; send format=tif")
             tiling = self.runner.predictor.options.replace(tile=options.tile, overlap=options.overlap, tta=options.tta)
-            tiles = tile_total(self.runner.predictor, folder / name, height, width, tiling)
+            tiles = self.runner.predictor.tile_count(height, width, tiling) * slices
             self.store.add(job_id, options.model_dump(), name, height, width, tiles)
         except BodyError as err:
             shutil.rmtree(folder, ignore_errors=True)

@@ -5,8 +5,8 @@ SEG_JOB_DIR holds `jobs.sqlite3` (one row per job) and a folder per job: its upl
 the job ends) and its results (`mask.EXT`, `probabilities.tif`; an OME-Zarr as `mask.ome.zarr.zip`). Each
 worker process runs one `JobRunner` thread, which claims the oldest queued job and predicts it with the
 worker's `Predictor`, band by band (`Predictor.predict_file`), so a job's memory is bounded by its image's
-width. A job whose worker died
-(its process is gone) goes back to the queue; one whose server was told to stop goes back at once.
+width. A job whose worker died (its process is gone) goes back to the queue; one whose server was told to
+stop goes back at once.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import psutil
 
 from seg.errors import SegError
 from seg.inference.predictor import Predictor
-from seg.io.headers import stack_size
 from seg.io.writers import FORMATS
 from serving.lifecycle import STOPPING, ShuttingDown
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
 ENDED = ("done", "failed", "cancelled")
 CHECK_SECONDS = 0.5  # a running job reads its state (cancelled?) and writes its progress at most this often
 POLL_SECONDS = 1.0  # an idle runner looks for new jobs (from other workers) this often
@@ -161,7 +159,7 @@ class JobStore:
                 if not _alive(row["owner_pid"], row["owner_started"]):
                     db.execute("UPDATE jobs SET state = 'queued', tiles_done = 0 WHERE id = ? AND state = 'running'",
                                (row["id"],))  # fmt: skip
-            ended = "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished < ?"
+            ended = f"SELECT id FROM jobs WHERE state IN {ENDED} AND finished < ?"
             old = [r["id"] for r in db.execute(ended, (now - self.ttl,))]
             db.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in old])
             known = {r["id"] for r in db.execute("SELECT id FROM jobs")}
@@ -209,10 +207,6 @@ def zip_folder(folder: Path, path: Path) -> None:
                 archive.write(file, Path(folder.name) / file.relative_to(folder))
     tmp.replace(path)
     shutil.rmtree(folder)
-
-
-def tile_total(predictor: Predictor, path: Path, height: int, width: int, options) -> int:
-    return predictor.tile_count(height, width, options) * stack_size(path)
 
 
 class JobRunner(threading.Thread):
@@ -281,10 +275,15 @@ class JobRunner(threading.Thread):
                 self.store.progress(job_id, done)
                 last = time.monotonic()
 
+        read = time.monotonic()
+
         def check() -> None:
+            nonlocal read
             if STOPPING.is_set():
                 raise ShuttingDown("the server is stopping")
-            if self.store.state(job_id) == "cancelled":
-                raise Cancelled("cancelled")
+            if time.monotonic() - read > CHECK_SECONDS:
+                read = time.monotonic()
+                if self.store.state(job_id) == "cancelled":
+                    raise Cancelled("cancelled")
 
         return on_tiles, check
