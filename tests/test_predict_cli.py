@@ -190,6 +190,66 @@ def test_whole_slide_and_pyramidal_inputs_are_read_at_full_resolution(conv_onnx,
     assert tifffile.imread(tmp_path / "b" / "slide.ome.tif").shape == (600, 700)  # level 0, not a smaller level
 
 
+def write_svs(path: Path, rgb: np.ndarray, mpp: float = 0.499) -> None:
+    """An Aperio SVS as scanners lay it out: the tiled full-resolution level with the MPP in its description,
+    then a smaller level."""
+    height, width = rgb.shape[:2]
+    aperio = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,100 {width}x{height}] (256x256) LZW|AppMag = 20|MPP = {mpp}"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
+        tif.write(rgb[::4, ::4], tile=(256, 256), compression="lzw", description=aperio.split("|")[0], photometric="rgb", metadata=None)
+
+
+def test_slides_are_read_through_openslide_and_without_it_as_tiffs(conv_onnx, em_mosaic, tmp_path, monkeypatch):
+    """An SVS of 2500 x 1900 read through OpenSlide (1000 columns a read, so a band takes three) gives the
+    mask of the same pixels as a plain TIFF, with its MPP; without OpenSlide it is read as a TIFF with the
+    same result, and a MIRAX file names the extra to install."""
+    import sys
+
+    import openslide
+
+    import seg.io.sources
+    from seg.io.sources import SlideSource, open_image
+
+    monkeypatch.setattr(seg.io.sources, "READ_COLUMNS", 1000)
+    grey = np.tile(em_mosaic, (2, 3))[:1900, :2500]
+    rgb = np.stack([grey, np.roll(grey, 7, 1), grey // 2 + 60], -1)
+    (tmp_path / "in").mkdir()
+    write_svs(tmp_path / "in" / "slide.svs", rgb)
+    tifffile.imwrite(tmp_path / "plain.tif", rgb)
+    assert openslide.OpenSlide.detect_format(str(tmp_path / "in" / "slide.svs")) == "aperio"
+    with open_image(tmp_path / "in" / "slide.svs") as source:
+        assert isinstance(source, SlideSource) and (source.height, source.width) == (1900, 2500)
+        assert np.array_equal(source.read(1000, 1500), rgb[1000:1500]) and source.pixel_size == (0.499, 0.499)
+
+    assert predict(conv_onnx, tmp_path / "plain.tif", "--out", tmp_path / "plain")[0] == 0
+    code, output = predict(conv_onnx, tmp_path / "in", "--out", tmp_path / "slide", "--format", "ome-tiff")
+    assert code == 0 and "1 predicted" in output, output
+    expected = np.asarray(Image.open(tmp_path / "plain" / "plain.png"))
+    assert 0 < expected.mean() < 1  # both classes
+    with tifffile.TiffFile(tmp_path / "slide" / "slide.ome.tif") as tif:
+        assert np.array_equal(tif.series[0].asarray(), expected)
+        assert '"0.499"' in tif.ome_metadata or 'PhysicalSizeX="0.499"' in tif.ome_metadata
+
+    monkeypatch.setitem(sys.modules, "openslide", None)  # as if `seg[slide]` were not installed
+    with open_image(tmp_path / "in" / "slide.svs") as source:
+        assert not isinstance(source, SlideSource)
+    code, output = predict(conv_onnx, tmp_path / "in" / "slide.svs", "--out", tmp_path / "tiff")
+    assert code == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "tiff" / "slide.png")), expected), output
+    (tmp_path / "scan.mrxs").write_text("[GENERAL]\n")
+    code, output = predict(conv_onnx, tmp_path / "scan.mrxs", "--out", tmp_path / "mrxs")
+    assert code == 1 and "failed" in output and "pip install 'seg[slide]'" in output and "Traceback" not in output
+
+
+def test_a_slide_openslide_cannot_read_is_a_one_line_error(conv_onnx, tmp_path):
+    (tmp_path / "scan.mrxs").write_text("[GENERAL]\nSLIDE_VERSION = 1.9\n")
+    (tmp_path / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)
+    for name in ("scan.mrxs", "broken.svs"):
+        code, output = predict(conv_onnx, tmp_path / name, "--out", tmp_path / "out")
+        assert code == 1 and f"failed {tmp_path / name}" in output and "Traceback" not in output, output
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
 def test_geojson_format_gives_polygons_whose_area_is_the_masks_pixels(conv_onnx, image_tree, tmp_path, monkeypatch):
     from shapely.geometry import shape
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from seg.errors import ImageError
+from seg.io.slides import SLIDE_SUFFIXES, slide_size
 from seg.io.tiff import tiff_layout
 
-# Folders are searched for these; whole-slide files that are TIFFs inside (Aperio .svs, Hamamatsu .ndpi)
-# are read as TIFFs, at full resolution.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".svs", ".ndpi")
+# Folders are searched for these.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *SLIDE_SUFFIXES)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -74,11 +74,11 @@ def unsupported_format(source: str | Path | bytes) -> str:
 
 
 def stack_size(path: str | Path) -> int:
-    """Slices in a TIFF stack (see `seg.io.tiff.TiffLayout`); 1 for one image and for anything unreadable."""
+    """Slices in a TIFF stack (see `seg.io.tiff.TiffLayout`); 1 for one image, a slide and anything unreadable."""
     import tifffile
 
     try:
-        if is_tiff(path):
+        if is_tiff(path) and Path(path).suffix.lower() not in SLIDE_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 return tiff_layout(tif.series[0].shape, tif.series[0].axes).slices
     except Exception:  # unreadable: the prediction will report it
@@ -182,6 +182,9 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     from PIL import Image
 
     path = Path(path)
+    size = slide_size(path)
+    if size is not None:
+        return size
     try:
         try:
             shape = header_shape(path, str(path))

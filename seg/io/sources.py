@@ -1,7 +1,7 @@
 """Images read by row bands (`ImageSource`), and what a file's header says before any pixel is decoded.
 
-`open_image` gives an `ImageSource` for a file: TIFFs are read by row bands (striped, tiled or
-uncompressed), PNG, JPEG and BMP are decoded whole (past Pillow's decompression-bomb limit by imagecodecs,
+`open_image` gives an `ImageSource` for a file: whole-slide images are read by row bands through OpenSlide
+(`SlideSource`, see `seg.io.slides`), TIFFs by row bands (striped, tiled or uncompressed), PNG, JPEG and BMP are decoded whole (past Pillow's decompression-bomb limit by imagecodecs,
 after checking that the header's size fits the file's bytes). `header_shape` reads the size, channels and
 decoded bytes per pixel of a file or upload from its header alone; `image_size` and the service use it.
 """
@@ -18,11 +18,13 @@ import numpy as np
 from seg.errors import ImageError
 from seg.io.headers import check_plausible_size, exif_orientation, is_tiff
 from seg.io.images import orient, read_image
+from seg.io.slides import is_slide, openslide_module, slide_vendor
 from seg.io.tiff import check_tiff_chunks, pixel_size, stack_message, tiff_colours, tiff_layout
 
 SAMPLE_PIXELS = 4_000_000  # pixels read for percentile normalisation and display ranges
 LARGE_PIXELS = 64_000_000  # beyond this, a TIFF's percentile sample comes from 32 bands, not a full pass
 MAX_CHUNK_ROWS = 2048  # a TIFF stored in taller compressed chunks is decoded whole (see TiffSource)
+READ_COLUMNS = 8192  # columns per OpenSlide read: bounds the RGBA buffers of a band of a wide slide
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -204,6 +206,62 @@ class TiffSource(ImageSource):
         self.tif.close()
 
 
+class SlideSource(ImageSource):
+    """A whole-slide image's full-resolution level through OpenSlide, as 8-bit RGB.
+
+    Areas the scanner did not image (transparent in OpenSlide) take the slide's background colour.
+    """
+
+    def __init__(self, path: str | Path):
+        openslide = openslide_module()
+        if openslide is None:
+            raise ImageError(f"{path}: slides are read through OpenSlide; install it with pip install 'seg[slide]'")
+        self.name = str(path)
+        try:
+            self.slide = openslide.OpenSlide(str(path))
+        except Exception as err:  # OpenSlideError, OpenSlideUnsupportedFormatError
+            raise ImageError(f"{path}: cannot read slide ({err})") from None
+        self.width, self.height = self.slide.dimensions
+        self.channels, self.dtype = 3, np.dtype(np.uint8)
+        props = self.slide.properties
+        colour = props.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "FFFFFF")
+        try:
+            self.background = np.array([int(colour[i : i + 2], 16) for i in (0, 2, 4)], np.float32)
+        except ValueError:
+            self.background = np.full(3, 255, np.float32)
+        try:
+            y, x = float(props[openslide.PROPERTY_NAME_MPP_Y]), float(props[openslide.PROPERTY_NAME_MPP_X])
+            self.pixel_size = (y, x) if y > 0 and x > 0 else None
+        except (KeyError, ValueError):
+            self.pixel_size = None
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        y0, y1 = max(0, y0), min(self.height, y1)
+        rows = np.empty((max(0, y1 - y0), self.width, 3), np.uint8)
+        if y1 <= y0:
+            return rows
+        for x in range(0, self.width, READ_COLUMNS):
+            w = min(READ_COLUMNS, self.width - x)
+            try:
+                rgba = np.asarray(self.slide.read_region((x, y0), 0, (w, y1 - y0)))
+            except Exception as err:  # a corrupt tile surfaces when read
+                raise ImageError(f"{self.name}: cannot read rows {y0}..{y1} ({err})") from None
+            rows[:, x : x + w] = _over(rgba, self.background)
+        return rows
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def _over(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """RGBA (not premultiplied) over an opaque background colour, as 8-bit RGB."""
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return rgba[..., :3]
+    a = alpha.astype(np.float32) / 255
+    return np.rint(rgba[..., :3] * a + background * (1 - a)).astype(np.uint8)
+
+
 def _read_exact(fh, offset: int, dtype: np.dtype, count: int, name: str) -> np.ndarray:
     fh.seek(offset)
     data = fh.read(count * dtype.itemsize)
@@ -213,7 +271,8 @@ def _read_exact(fh, offset: int, dtype: np.dtype, count: int, name: str) -> np.n
 
 
 def open_image(path: str | Path) -> ImageSource:
-    """An `ImageSource` for a file: TIFFs by bands, other formats decoded whole.
+    """An `ImageSource` for a file: whole-slide images through OpenSlide and TIFFs by bands (see
+    `seg.io.slides`), other formats decoded whole.
 
     Raises:
         ImageError: missing, unreadable or unsupported file, or a TIFF stack (`Predictor.predict_file` segments stacks slice by slice).
@@ -221,6 +280,11 @@ def open_image(path: str | Path) -> ImageSource:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
+    if is_slide(path):
+        if slide_vendor(path):
+            return SlideSource(path)
+        if not is_tiff(path):
+            raise ImageError(f"{path}: not a slide OpenSlide can read")
     if is_tiff(path):
         source = TiffSource(path)
         if source.slices > 1:
