@@ -3,7 +3,7 @@
     POST   /jobs              an image (multipart field `image`, or the raw body) -> 202 {"id", "status_url", ...}
     GET    /jobs              the latest jobs, newest first
     GET    /jobs/ID           state, progress (tiles_done, tiles_total), error, result_url
-    GET    /jobs/ID/result    the mask file (?part=probabilities: the probabilities TIFF), streamed from disk
+    GET    /jobs/ID/result    the mask file (?part=probabilities: the probabilities), streamed from disk
     DELETE /jobs/ID           cancel a queued or running job, or remove an ended one
 
 The API key and the upload's Content-Type and Content-Length are checked by `serving.gate.Gate` first. An
@@ -133,7 +133,8 @@ class JobRoutes:
             progress = f" ({job['tiles_done']} of {job['tiles_total']} tiles)" if job["state"] == "running" else ""
             return error(409, f"job {job['id']} is {job['state']}{progress}; its result comes when it is done")
         path = outputs[part]
-        media = MEDIA_TYPES[job["options"]["format"]] if part == "mask" else "image/tiff"
+        fmt = job["options"]["format"]
+        media = MEDIA_TYPES[fmt] if part == "mask" or fmt == "ome-zarr" else "image/tiff"
         return FileResponse(path, media_type=media, filename=f"{job['id']}.{path.name}")
 
     # -- helpers -------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 disk, so a server killed mid-job and started again runs the job again from its upload.
 
 SEG_JOB_DIR holds `jobs.sqlite3` (one row per job) and a folder per job: its upload (`input.EXT`, removed when
-the job ends) and its results (`mask.EXT`, `probabilities.tif`; an OME-Zarr as `mask.ome.zarr.zip`). Each
+the job ends) and its results (`mask.EXT`, `probabilities.tif`; OME-Zarrs zipped: `mask.ome.zarr.zip`,
+`probabilities.ome.zarr.zip`). Each
 worker process runs one `JobRunner` thread, which claims the oldest queued job and predicts it with the
 worker's `Predictor`, band by band (`Predictor.predict_file`), so a job's memory is bounded by its image's
 width. A job whose worker died (its process is gone) goes back to the queue; one whose server was told to
@@ -172,9 +173,10 @@ class JobStore:
     def outputs(self, job: dict[str, Any]) -> dict[str, Path]:
         folder = self.folder / job["id"]
         fmt = job["options"]["format"]
-        paths = {"mask": folder / f"mask.{FORMATS[fmt]}{'.zip' if fmt == 'ome-zarr' else ''}"}  # a folder, zipped
+        zipped = ".zip" if fmt == "ome-zarr" else ""  # a folder, zipped
+        paths = {"mask": folder / f"mask.{FORMATS[fmt]}{zipped}"}
         if job["options"].get("probabilities"):
-            paths["probabilities"] = folder / "probabilities.tif"
+            paths["probabilities"] = folder / f"probabilities.{'ome.zarr' if zipped else 'tif'}{zipped}"
         return paths
 
 
@@ -239,15 +241,16 @@ class JobRunner(threading.Thread):
         folder, options = self.store.folder / job["id"], job["options"]
         tiling = self.predictor.options.replace(tile=options.get("tile"), overlap=options.get("overlap"), tta=options.get("tta"))
         outputs = self.store.outputs(job)
-        mask = outputs["mask"].with_suffix("") if outputs["mask"].suffix == ".zip" else outputs["mask"]
+        written = {part: path.with_suffix("") if path.suffix == ".zip" else path for part, path in outputs.items()}
         on_tiles, check = self._watch(job["id"])
         try:
             self.predictor.predict_file(
-                folder / job["input"], mask, tiling, probabilities_path=outputs.get("probabilities"),
+                folder / job["input"], written["mask"], tiling, probabilities_path=written.get("probabilities"),
                 on_tiles=on_tiles, check=check,
             )  # fmt: skip
-            if mask != outputs["mask"]:
-                zip_folder(mask, outputs["mask"])
+            for part, path in outputs.items():
+                if written[part] != path:
+                    zip_folder(written[part], path)
         except Cancelled:
             shutil.rmtree(folder, ignore_errors=True)
             return

@@ -94,7 +94,7 @@ def test_a_job_gives_the_mask_of_seg_predict_with_monotone_progress(server, big_
 def test_multipart_geojson_and_ome_zarr_jobs_and_removal(server, em_image, tmp_path):
     import zarr
 
-    zipped = submit(server.url, encode(em_image, "PNG"), format="ome-zarr").json()["id"]
+    zipped = submit(server.url, encode(em_image, "PNG"), format="ome-zarr", probabilities="true").json()["id"]
     answer = submit(server.url, encode(em_image, "PNG"), format="geojson")
     assert answer.status_code == 202, answer.text
     status, _ = wait(server.url, answer.json()["id"])
@@ -109,6 +109,15 @@ def test_multipart_geojson_and_ome_zarr_jobs_and_removal(server, em_image, tmp_p
     shutil.unpack_archive(tmp_path / "m.zip", tmp_path)
     labels = zarr.open_group(str(tmp_path / "mask.ome.zarr" / "labels" / "mask"), mode="r")
     assert labels["0"].shape == em_image.shape and "image-label" in labels.attrs.asdict()
+    result = httpx.get(server.url + done["result_url"] + "?part=probabilities", timeout=30)
+    assert result.headers["content-type"] == "application/zip"
+    (tmp_path / "p.zip").write_bytes(result.content)
+    shutil.unpack_archive(tmp_path / "p.zip", tmp_path)
+    probs = zarr.open_group(str(tmp_path / "probabilities.ome.zarr"), mode="r")["0"]
+    assert probs.shape == (2, *em_image.shape) and probs.dtype == np.uint8
+    values, mask = probs[:], labels["0"][:]
+    apart = values[0] != values[1]  # ties in uint8 aside, the mask is the likeliest class
+    assert apart.mean() > 0.9 and np.array_equal(np.argmax(values, 0)[apart], mask[apart])
     gone = httpx.delete(f"{server.url}/jobs/{status['id']}", timeout=10)
     assert gone.json() == {"id": status["id"], "state": "removed"}
     assert httpx.get(f"{server.url}/jobs/{status['id']}", timeout=10).status_code == 404

@@ -135,20 +135,23 @@ def test_ome_tiff_format_is_a_pyramid_with_the_inputs_pixel_size(conv_onnx, em_i
 
 def test_ome_zarr_format_holds_the_image_and_the_mask_as_its_labels(conv_onnx, em_image, tmp_path):
     """Read back with ome-zarr-py's reader (as napari-ome-zarr does): a multiscale image, the mask as its
-    label image with the classes and colours, the pixel size as the scale, level 0 = `--format tif`."""
+    label image with the classes and colours, the pixel size as the scale, level 0 = `--format tif`; the
+    probabilities as a multiscale uint8 image of their own, level 0 = the probabilities TIFF x 255."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Labels, Multiscales, Reader
+
+    from seg.io.images import read_mask
 
     rgb = np.stack([np.tile(em_image, (5, 3))[:2100, :1500]] * 3, -1)
     folder = tmp_path / "in"
     folder.mkdir()
     tifffile.imwrite(folder / "slide.tif", rgb, tile=(256, 256), resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
-    code, output = predict(conv_onnx, folder, "--out", tmp_path / "zarr", "--format", "ome-zarr")
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "zarr", "--format", "ome-zarr", "--probabilities")
     assert code == 0, output
-    code, output = predict(conv_onnx, folder, "--out", tmp_path / "tif", "--format", "tif")
-    mask = tifffile.imread(tmp_path / "tif" / "slide.tif")
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "tif", "--format", "tif", "--probabilities")
+    mask, probs = read_mask(tmp_path / "tif" / "slide.tif"), tifffile.imread(tmp_path / "tif" / "slide.probs.tif")
     path = tmp_path / "zarr" / "slide.ome.zarr"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["slide.ome.zarr", "summary.json"]  # no temporary left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["slide.ome.zarr", "slide.probs.ome.zarr", "summary.json"]
 
     nodes = {node.zarr.path.removeprefix(str(path)).strip("/"): node for node in Reader(parse_url(str(path)))()}
     image, label = nodes[""], nodes["labels/mask"]
@@ -163,7 +166,15 @@ def test_ome_zarr_format_holds_the_image_and_the_mask_as_its_labels(conv_onnx, e
     colours = label.zarr.root_attrs["image-label"]["colors"]
     assert [c["label-value"] for c in colours] == [0, 1] and all(len(c["rgba"]) == 4 for c in colours)
 
-    code, output = predict(conv_onnx, folder, "--out", tmp_path / "zarr", "--format", "ome-zarr")
+    (node,) = Reader(parse_url(str(tmp_path / "zarr" / "slide.probs.ome.zarr")))()
+    assert Multiscales.matches(node.zarr) and [tuple(level.shape) for level in node.data][:2] == [(2, 2100, 1500), (2, 1050, 750)]
+    level0 = np.asarray(node.data[0])
+    assert level0.dtype == np.uint8 and np.abs(level0 - probs.transpose(2, 0, 1) * 255).max() <= 0.5 + 1e-3
+    assert np.array_equal(np.asarray(node.data[1]), level0[:, ::2, ::2])
+    classes = list(summary_of(tmp_path / "tif")["images"][0]["pixels_per_class"])
+    assert [c["label"] for c in node.zarr.root_attrs["omero"]["channels"]] == classes
+
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "zarr", "--format", "ome-zarr", "--probabilities")
     assert code == 0 and "1 skipped" in output  # a finished OME-Zarr counts as done
 
 

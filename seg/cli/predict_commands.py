@@ -26,7 +26,7 @@ def predict(
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none, flips (4 runs per tile) or d4 (8: rotations and flips)."),
     edges: Optional[str] = typer.Option(None, "--edges", help="mirror (tiles reach into a reflected margin) or inside (tiles within the image); default: the model's."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write STEM.overlay.png, the image with the coloured mask."),
-    probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write STEM.probs.tif, (H, W, K) float32; with --format ome-zarr, STEM.probs.ome.zarr, (K, H, W) uint8 (255 for 1)."),
     confidence: bool = typer.Option(False, "--confidence", help="Also write STEM.confidence.tif, the chosen class's probability."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png (palette PNG), tif (tiled TIFF), ome-tiff (pyramidal, for QuPath, Fiji, napari), ome-zarr (the image with the mask as its labels, for napari) or geojson (polygons per class, as QuPath imports them)."),
     force: bool = typer.Option(False, "--force", help="Predict again even where outputs made the same way exist."),

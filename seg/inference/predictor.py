@@ -252,7 +252,8 @@ class Predictor:
             writers = {
                 kind: stack.enter_context(
                     band_writer(target, height, width, *shapes[kind], palette=palette if kind == "mask" else None,
-                                pixel_size=source.pixel_size, classes=self.info.classes, source=source)  # fmt: skip
+                                pixel_size=source.pixel_size, classes=self.info.classes,
+                                source=source if kind == "mask" else None)  # fmt: skip
                 ).write
                 for kind, target in targets.items()
             }

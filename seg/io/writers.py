@@ -24,7 +24,7 @@ from seg.io.geojson import GeoJsonBandWriter, geojson_is_whole
 from seg.io.headers import TIFF_SUFFIXES
 from seg.io.headers import png_size
 from seg.io.images import atomic_path
-from seg.io.omezarr import OmeZarrBandWriter
+from seg.io.omezarr import OmeZarrBandWriter, OmeZarrProbabilitiesWriter
 from seg.io.omezarr import is_whole as omezarr_is_whole
 from seg.io.sources import round_up
 
@@ -57,8 +57,8 @@ def band_writer(
 ) -> Iterator[BandWriter]:  # fmt: skip
     """A BandWriter into a temporary file beside `path`, renamed onto `path` when complete and removed on
     error: a PNG for .png, a pyramidal OME-TIFF for .ome.tif/.ome.tiff, a tiled zlib TIFF for .tif/.tiff, a
-    mask's polygons for .geojson (`seg.io.geojson`), an OME-Zarr folder of the image and the mask for
-    .ome.zarr (`seg.io.omezarr`).
+    mask's polygons for .geojson (`seg.io.geojson`), an OME-Zarr folder for .ome.zarr (`seg.io.omezarr`):
+    the image and the mask when `source` is given, else the probabilities as a uint8 image.
 
     Args:
         path: the output file.
@@ -69,7 +69,7 @@ def band_writer(
         palette: RGB colours for a PNG mask (a palette PNG).
         pixel_size: (y, x) micrometres per pixel, for an OME-TIFF's metadata.
         classes: the class names, for GeoJSON features and OME-Zarr label properties.
-        source: the `ImageSource` predicted, whose pixels an OME-Zarr holds beside the mask.
+        source: the `ImageSource` predicted, whose pixels an OME-Zarr mask holds beside it.
     """
     path, dtype = Path(path), np.dtype(dtype)
     suffix, folder = path.suffix.lower(), is_ome_zarr(path)
@@ -77,9 +77,10 @@ def band_writer(
         raise SegError(f"{path}: write .png, .tif, .ome.zarr or .geojson, not {path.suffix!r}")
     with atomic_folder(path) if folder else atomic_path(path) as tmp:
         writer: BandWriter
-        if folder:
-            sizes = pyramid_sizes(height, width)
-            writer = OmeZarrBandWriter(tmp, sizes, dtype, source, classes, palette, pixel_size)  # type: ignore[assignment]
+        if folder and source is not None:
+            writer = OmeZarrBandWriter(tmp, pyramid_sizes(height, width), dtype, source, classes, palette, pixel_size)  # type: ignore[assignment]
+        elif folder:
+            writer = OmeZarrProbabilitiesWriter(tmp, pyramid_sizes(height, width), samples, classes, pixel_size)  # type: ignore[assignment]
         elif suffix == ".png":
             writer = PngBandWriter(tmp, height, width, dtype, samples, palette)
         elif suffix == ".geojson":

@@ -2,9 +2,10 @@
 
 For each input image, under `out` with the input's relative path and stem:
 
-    STEM.png | STEM.tif         the mask (palette PNG, or tiled TIFF with --format tif)
+    STEM.png | STEM.tif         the mask (palette PNG, or tiled TIFF with --format tif; see FORMATS)
     STEM.overlay.png            the image with the coloured mask (--overlay)
-    STEM.probs.tif              (H, W, K) float32 class probabilities (--probabilities)
+    STEM.probs.tif              (H, W, K) float32 class probabilities (--probabilities); with
+                                --format ome-zarr, STEM.probs.ome.zarr: (K, H, W) uint8, 255 for 1
     STEM.confidence.tif         (H, W) float32 probability of the chosen class (--confidence)
     summary.json                per image: size, seconds, pixels per class, outputs, status, made_with
 
@@ -67,7 +68,7 @@ def run_batch(
         out: the output folder.
         options: the tiling (None: the predictor's).
         overlay: also write STEM.overlay.png.
-        probabilities: also write STEM.probs.tif.
+        probabilities: also write STEM.probs.tif (STEM.probs.ome.zarr with fmt ome-zarr).
         confidence: also write STEM.confidence.tif.
         fmt: the mask's format: "png", "tif", "ome-tiff" (pyramidal) or "geojson" (polygons).
         force: predict again even when outputs recorded as made the same way exist.

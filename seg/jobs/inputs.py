@@ -113,7 +113,8 @@ def plan_outputs(jobs: list[Job], out: Path, fmt: str, overlay: bool, probabilit
         if overlay:
             job.outputs["overlay"] = stem.with_name(f"{stem.name}.overlay.{'tif' if stack else 'png'}")
         if probabilities:
-            job.outputs["probabilities"] = stem.with_name(f"{stem.name}.probs.tif")
+            zarr = fmt == "ome-zarr" and not stack
+            job.outputs["probabilities"] = stem.with_name(f"{stem.name}.probs.{'ome.zarr' if zarr else 'tif'}")
         if confidence:
             job.outputs["confidence"] = stem.with_name(f"{stem.name}.confidence.tif")
         mask = job.outputs["mask"]
