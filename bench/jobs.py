@@ -4,10 +4,13 @@ and what the pyramid and polygon writers cost.
 1. A SIDE x SIDE 8-bit TIFF (256-pixel tiles) made of real EM slices (the ISBI samples).
 2. `seg predict IMAGE --format tif`: wall time, peak RSS (the process's maximum resident set).
 3. `seg serve` on the same model, `POST /jobs` with the image as the raw body (`format=tif`), polled every
-   0.5 s until done: wall time from the upload's start to the result downloaded, the worker's peak RSS (its
-   VmHWM; the worker loads the same model), whether progress only grew, and whether the mask equals
-   `seg predict`'s (pixels, and bytes).
-4. `seg predict` on a WRITERS_SIDE square crop with `--format tif`, `ome-tiff` and `geojson`: the
+   0.5 s until done: wall time from the upload's start to the result downloaded and where it went
+   (upload, queue, run, status lag, download), the worker's peak RSS (its VmHWM; the worker loads the same
+   model), whether progress only grew, and whether the mask equals `seg predict`'s (pixels, and bytes).
+   Steps 2 and 3 alternate `--repeats` times, so a change in the machine's load falls on both.
+4. One more job whose server and worker are SIGKILLed at `--kill-at` of its tiles; a second server on the
+   same SEG_JOB_DIR ends it, with the same mask.
+5. `seg predict` on a WRITERS_SIDE square crop with `--format tif`, `ome-tiff` and `geojson`: the
    pyramid's and the polygons' share of the wall time.
 
 Both sides run on the bundled model (int8 on the CPU, as `seg serve` picks it), two threads.
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import signal
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,14 +64,16 @@ def make_image(path: Path, side: int) -> None:
 
 
 def predict(image: Path, out: Path, fmt: str) -> dict:
-    """`seg predict` in a child process: wall seconds and the peak RSS of this process's children so far (the
-    first call's is its own)."""
+    """`seg predict` in a child process: wall seconds and its peak RSS (from wait4, this child alone)."""
     began = time.perf_counter()
-    subprocess.run([*SEG, "predict", str(image), "--out", str(out), "--format", fmt, "--device", "cpu"],
-                   check=True, capture_output=True)  # fmt: skip
+    proc = subprocess.Popen([*SEG, "predict", str(image), "--out", str(out), "--format", fmt, "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20)}
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"seg predict failed: {proc.stderr.read().decode()[-2000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss * 1024 / 2**20)}
 
 
 def worker_hwm(pid: int) -> int:
@@ -76,37 +83,87 @@ def worker_hwm(pid: int) -> int:
     return 0
 
 
-def job(image: Path, folder: Path) -> dict:
-    """One job through a fresh `seg serve`: wall seconds (upload to result), worker peak RSS, progress."""
+def poll(url: str, job_id: str, seen: list[int], stop=lambda status: False) -> dict:
+    """The job's status every 0.5 s until it ends (or `stop(status)`); every tiles_done goes into `seen`."""
+    while True:
+        status = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        seen.append(status["progress"]["tiles_done"])
+        if status["state"] not in ("queued", "running") or stop(status):
+            return status
+        time.sleep(0.5)
+
+
+def job(image: Path, folder: Path, kill_at: float | None = None) -> dict:
+    """One job through a fresh `seg serve`: wall seconds (upload to result downloaded) and where they went
+    (upload, queue, run, status lag, download, from the job table's own clock), the worker's peak RSS and
+    whether progress only grew. With `kill_at`, the server and its worker are SIGKILLed once that share of
+    the tiles is done, and a second server on the same SEG_JOB_DIR ends the job."""
     from seg.inference.runtime import BUNDLED_MODEL
 
-    with running_server(BUNDLED_MODEL, folder, SEG_DEVICE="cpu") as server:
+    env = {"SEG_DEVICE": "cpu", "SEG_JOB_DIR": str(folder / "jobs")}
+    seen: list[int] = []
+    peaks = []
+    (folder / "first").mkdir()
+    with running_server(BUNDLED_MODEL, folder / "first", **env) as server:
         workers = server_workers(server.pid)
         began = time.perf_counter()
         with open(image, "rb") as f:
             answer = httpx.post(f"{server.url}/jobs", content=f, params={"format": "tif"}, timeout=600)
         answer.raise_for_status()
-        job_id, seen = answer.json()["id"], []
-        while True:
-            status = httpx.get(f"{server.url}/jobs/{job_id}", timeout=30).json()
-            seen.append(status["progress"]["tiles_done"])
-            if status["state"] not in ("queued", "running"):
-                break
-            time.sleep(0.5)
-        assert status["state"] == "done", status
-        with httpx.stream("GET", server.url + status["result_url"], timeout=600) as result, open(folder / "job.tif", "wb") as f:
-            for chunk in result.iter_bytes(1 << 20):
-                f.write(chunk)
-        seconds = time.perf_counter() - began
-        peak = max(worker_hwm(pid) for pid in workers)
+        uploaded = time.perf_counter()
+        job_id = answer.json()["id"]
+        if kill_at:
+            part = poll(server.url, job_id, seen, lambda s: s["progress"]["tiles_done"] >= kill_at * s["progress"]["tiles_total"] > 0)
+            assert part["state"] == "running", part
+            peaks.append(max(worker_hwm(pid) for pid in workers))
+            os.killpg(server.pid, signal.SIGKILL)  # the server, and its worker (in a session of its own)
+            kill_workers(workers)
+            killed_at, before = part["progress"]["tiles_done"], list(seen)
+        else:
+            status = poll(server.url, job_id, seen)
+            ended = time.perf_counter()
+            status = download(server.url, status, folder)
+            peaks.append(max(worker_hwm(pid) for pid in workers))
     kill_workers(workers)
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20), "progress_monotone": seen == sorted(seen),
-            "polls": len(seen), "tiles": status["progress"]["tiles_total"]}  # fmt: skip
+    if kill_at:
+        (folder / "second").mkdir()
+        with running_server(BUNDLED_MODEL, folder / "second", **env) as server:
+            workers = server_workers(server.pid)
+            status = poll(server.url, job_id, seen)
+            ended = time.perf_counter()
+            status = download(server.url, status, folder)
+            peaks.append(max(worker_hwm(pid) for pid in workers))
+        kill_workers(workers)
+    finished = time.perf_counter()
+    with sqlite3.connect(folder / "jobs" / "jobs.sqlite3") as db:
+        created, started, done = db.execute("SELECT created, started, finished FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    result = {
+        "seconds": round(finished - began, 1), "peak_rss_mb": round(max(peaks) / 2**20),
+        "phases": {"upload": round(uploaded - began, 1), "queued": round(started - created, 1), "run": round(done - started, 1),
+                   "status_lag": round(ended - began - (done - created) - (uploaded - began), 1),
+                   "download": round(finished - ended, 1)},
+        "progress_monotone": seen == sorted(seen), "polls": len(seen), "tiles": status["progress"]["tiles_total"],
+    }  # fmt: skip
+    if kill_at:  # progress starts again from 0 when the job runs again
+        first, second = seen[: len(before)], seen[len(before) :]
+        result["killed_after_tiles"] = killed_at
+        result["progress_monotone"] = first == sorted(first) and second == sorted(second)
+    return result
+
+
+def download(url: str, status: dict, folder: Path) -> dict:
+    assert status["state"] == "done", status
+    with httpx.stream("GET", url + status["result_url"], timeout=600) as result, open(folder / "job.tif", "wb") as f:
+        for chunk in result.iter_bytes(1 << 20):
+            f.write(chunk)
+    return status
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternated (predict, job, predict, job, ...)")
+    parser.add_argument("--kill-at", type=float, default=0.5, help="one more job, its server killed at this share of its tiles (0: none)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import tifffile
@@ -116,15 +173,25 @@ def main() -> None:
         tmp = Path(tmp)
         image = tmp / "mosaic.tif"
         make_image(image, args.side)
-        results: dict = {"side": args.side, "image_mb": round(image.stat().st_size / 2**20)}
-        results["predict"] = predict(image, tmp / "predict", "tif")
-        (tmp / "server").mkdir()
-        results["job"] = job(image, tmp / "server")
-        ours, theirs = tmp / "server" / "job.tif", tmp / "predict" / "mosaic.tif"
-        results["same_pixels"] = bool(np.array_equal(tifffile.imread(ours), tifffile.imread(theirs)))
-        results["same_bytes"] = ours.read_bytes() == theirs.read_bytes()
-        results["time_ratio"] = round(results["job"]["seconds"] / results["predict"]["seconds"], 3)
-        results["memory_ratio"] = round(results["job"]["peak_rss_mb"] / results["predict"]["peak_rss_mb"], 3)
+        results: dict = {"side": args.side, "image_mb": round(image.stat().st_size / 2**20), "predict": [], "job": []}
+        for run in range(args.repeats):
+            results["predict"].append(predict(image, tmp / f"predict{run}", "tif"))
+            (tmp / f"server{run}").mkdir()
+            results["job"].append(job(image, tmp / f"server{run}"))
+            print(json.dumps(results, indent=2), flush=True)
+        masks = [tmp / f"server{run}" / "job.tif" for run in range(args.repeats)]
+        if args.kill_at:
+            (tmp / "killed").mkdir()
+            results["killed_job"] = job(image, tmp / "killed", args.kill_at)
+            masks.append(tmp / "killed" / "job.tif")
+        reference = tmp / "predict0" / "mosaic.tif"
+        expected = tifffile.imread(reference)
+        results["same_pixels"] = all(np.array_equal(tifffile.imread(m), expected) for m in masks)
+        results["same_bytes"] = all(m.read_bytes() == reference.read_bytes() for m in masks)
+        mean = lambda runs, key: statistics.mean(r[key] for r in runs)  # noqa: E731
+        results["time_ratio"] = round(mean(results["job"], "seconds") / mean(results["predict"], "seconds"), 3)
+        results["run_ratio"] = round(statistics.mean(r["phases"]["run"] for r in results["job"]) / mean(results["predict"], "seconds"), 3)
+        results["memory_ratio"] = round(mean(results["job"], "peak_rss_mb") / mean(results["predict"], "peak_rss_mb"), 3)
         print(json.dumps(results, indent=2), flush=True)
 
         crop = tmp / "crop.tif"

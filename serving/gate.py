@@ -37,6 +37,7 @@ same read timeouts). Other paths (health, metrics, /ui) pass otherwise untouched
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import re
@@ -92,9 +93,11 @@ class Gate:
     def __init__(
         self, app, routes: Iterable[str], upload_routes: Iterable[str], max_bytes: int, api_key: str | None = None,
         concurrency: int | None = None, timeout: float | None = None, body_timeout: float = 60.0,
-        min_body_rate: float = 1.0, job_max_bytes: int = 0,
+        min_body_rate: float = 1.0, job_max_bytes: int = 0, paths: dict[str, Any] | None = None,
     ):  # fmt: skip
+        """`paths`: OpenAPI paths of routes BentoML does not know (the jobs), added to the schema at `DOCS`."""
         self.app = app
+        self.paths = paths or {}
         self.routes = frozenset(routes)
         self.upload_routes = frozenset(upload_routes)
         self.max_bytes = max_bytes
@@ -109,7 +112,7 @@ class Gate:
         if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
             return await redirect(send, "/ui/")
         if scope["path"] == DOCS and scope["method"] == "GET":
-            return await self.app(scope, receive, documented(send, self.routes, self.upload_routes))
+            return await self.app(scope, receive, documented(send, self.routes, self.upload_routes, self.paths))
         send = plain_errors(send)
         job = scope["path"] == JOBS or scope["path"].startswith(JOBS + "/")
         if scope["path"] not in self.routes and not job:
@@ -464,8 +467,9 @@ def error_text(body: bytes, status: int = 400) -> str:
     return str(data.get("error") or phrase)
 
 
-def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str]) -> Send:
-    """A `send` that adds the raw-body uploads and the {"error": ...} answers to BentoML's OpenAPI schema."""
+def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str], paths: dict[str, Any]) -> Send:
+    """A `send` that adds the raw-body uploads, the {"error": ...} answers and `paths` to BentoML's OpenAPI
+    schema."""
     start: Message | None = None
     body = b""
 
@@ -481,7 +485,7 @@ def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str]
         body += message.get("body", b"")
         if message.get("more_body", False):
             return
-        content = json.dumps(openapi(json.loads(body), routes, upload_routes)).encode()
+        content = json.dumps(openapi(json.loads(body), routes, upload_routes, paths)).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send({**start, "headers": headers + [(b"content-length", str(len(content)).encode())]})
         await send({"type": "http.response.body", "body": content})
@@ -489,9 +493,9 @@ def documented(send: Send, routes: frozenset[str], upload_routes: frozenset[str]
     return send_doc
 
 
-def openapi(spec: dict, routes: frozenset[str], upload_routes: frozenset[str]) -> dict:
-    """BentoML's schema with our request bodies and error answers (BentoML's 404/500 never happen there), and
-    our own title block: BentoML's names its version and links to its community pages."""
+def openapi(spec: dict, routes: frozenset[str], upload_routes: frozenset[str], paths: dict[str, Any] | None = None) -> dict:
+    """BentoML's schema with our request bodies and error answers (BentoML's 404/500 never happen there),
+    `paths` added, and our own title block: BentoML's names its version and links to its community pages."""
     spec["info"] = {"title": "seg", "version": API_VERSION,
                     "description": "Segmentation of images of any size; the page at /ui/ uses these endpoints."}
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
@@ -523,4 +527,5 @@ def openapi(spec: dict, routes: frozenset[str], upload_routes: frozenset[str]) -
                 operation.get("description", "") + "\n\nThe image may also be the raw body, with the other "
                 "parameters in the query string (`?tile=512&tta=d4`)."
             ).strip()
+    spec.setdefault("paths", {}).update(copy.deepcopy(paths or {}))
     return spec

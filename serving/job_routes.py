@@ -31,7 +31,7 @@ from starlette.routing import Route, Router
 
 from seg.io.headers import TIFF_MAGIC, header_size, image_size, stack_size, unsupported_format
 from seg.io.writers import FORMATS
-from serving.gate import MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
+from serving.gate import IMAGE_TYPES, MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
 from serving.jobs import MEDIA_TYPES, JobRunner
 from serving.settings import Settings
 
@@ -181,7 +181,7 @@ class JobRoutes:
         try:
             options = JobOptions(**fields)
         except ValidationError as err:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'a field with no name'}: {e['msg']}" for e in err.errors())
             raise BodyError(400, detail) from None
         low, high = self.tile_range
         if options.tile is not None and not low <= options.tile <= high:
@@ -223,6 +223,82 @@ class JobRoutes:
             if job["options"].get("probabilities"):
                 view["probabilities_url"] = f"/jobs/{job['id']}/result?part=probabilities"
         return view
+
+
+def openapi_paths(tile_range: tuple[int, int], max_overlap: float) -> dict[str, Any]:
+    """The job routes as OpenAPI 3.0 paths, for the schema the gate serves (`serving.gate.openapi`); the
+    options come from `JobOptions`, so the two cannot drift apart, with the ranges `JobRoutes` holds them to."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+
+    def answers(ok: dict[str, Any], *statuses: int) -> dict[str, Any]:
+        failed = {str(s): {"description": HTTPStatus(s).phrase, "content": error} for s in (401, *statuses)}
+        return {**ok, **failed}
+
+    def json_answer(status: int, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {str(status): {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+    options = JobOptions.model_json_schema()["properties"]
+    for name, field in options.items():
+        field.pop("title", None)
+        branches = field.pop("anyOf", [])
+        if {"type": "null"} in branches:  # `int | None` in OpenAPI 3.0's words
+            field.update(*[b for b in branches if b != {"type": "null"}], nullable=True)
+        elif branches:
+            field["anyOf"] = branches
+    options["tile"].update(minimum=tile_range[0], maximum=tile_range[1])
+    options["overlap"]["maximum"] = max_overlap
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID.pattern}}
+    text, when = {"type": "string", "nullable": True}, {"type": "string", "format": "date-time", "nullable": True}
+    state = {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]}
+    count = {"type": "integer", "minimum": 0}
+    job = {
+        "type": "object", "required": ["id", "state", "progress", "width", "height", "created"],
+        "properties": {
+            "id": {"type": "string"}, "state": state, "width": count, "height": count,
+            "progress": {"type": "object", "required": ["tiles_done", "tiles_total"],
+                         "properties": {"tiles_done": count, "tiles_total": count}},
+            "created": when, "started": when, "finished": when, "error": text,
+            "result_url": {"type": "string"}, "probabilities_url": {"type": "string"}, **options,
+        },
+    }  # fmt: skip
+    form = {"type": "object", "required": ["image"], "additionalProperties": False,
+            "properties": {"image": {"type": "string", "format": "binary", "minLength": 1}, **options}}  # fmt: skip
+    raw = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
+    queued = {"type": "object", "required": ["id", "state", "status_url"],
+              "properties": {"id": {"type": "string"}, "state": state, "status_url": {"type": "string"}}}  # fmt: skip
+    files = {t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(MEDIA_TYPES.values()))}
+    return {
+        "/jobs": {
+            "post": {
+                "summary": "Segment an image in the background (past the limits of one request)",
+                "description": "The image as the multipart field `image`, or as the raw body with the options "
+                               "in the query string; streamed to disk as it arrives.",
+                "parameters": [{"name": k, "in": "query", "required": False, "schema": v} for k, v in options.items()],
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                                              **{t: raw for t in IMAGE_TYPES}}},
+                "responses": answers(json_answer(202, "queued", queued), 400, 408, 413, 415, 429),
+            },
+            "get": {"summary": "The jobs kept, newest first",
+                    "responses": answers(json_answer(200, "the jobs", {"type": "object", "required": ["jobs"],
+                                         "properties": {"jobs": {"type": "array", "items": job}}}))},
+        },
+        "/jobs/{job_id}": {
+            "parameters": [job_id],
+            "get": {"summary": "A job's state and progress", "responses": answers(json_answer(200, "the job", job), 404)},
+            "delete": {"summary": "Cancel a queued or running job, or remove an ended one",
+                       "responses": answers(json_answer(200, "cancelled or removed", {
+                           "type": "object", "required": ["id", "state"],
+                           "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": ["cancelled", "removed"]}}}),
+                           404)},
+        },
+        "/jobs/{job_id}/result": {
+            "parameters": [job_id],
+            "get": {"summary": "A done job's mask (or its probabilities), streamed",
+                    "parameters": [{"name": "part", "in": "query", "required": False,
+                                    "schema": {"type": "string", "enum": ["mask", "probabilities"], "default": "mask"}}],
+                    "responses": answers({"200": {"description": "the file", "content": files}}, 400, 404, 409)},
+        },
+    }  # fmt: skip
 
 
 def iso(seconds: float | None) -> str | None:

@@ -44,7 +44,7 @@ from seg.inference.tiling import MAX_TILE, MIN_TILE, TTA_LEVELS
 from seg.io import images as imageio
 from seg.io.headers import header_shape
 from serving.gate import Gate
-from serving.job_routes import JobRoutes
+from serving.job_routes import JobRoutes, openapi_paths
 from serving.jobs import JobRunner, JobStore
 from serving.lifecycle import TooLarge, client_errors, header_deadline, request_check, stop_on_signals
 from serving.responses import display_bands, encode_bands, overlay_bands, png_bytes, run_lengths, timing
@@ -293,6 +293,7 @@ Segmentation.add_asgi_middleware(
     body_timeout=SETTINGS.body_timeout,
     min_body_rate=SETTINGS.min_body_rate,
     job_max_bytes=SETTINGS.job_max_bytes,
+    paths=openapi_paths((MIN_TILE, MAX_REQUEST_TILE), MAX_OVERLAP),
 )
 Segmentation.add_asgi_middleware(
     JobRoutes, runner=JOBS, settings=SETTINGS, tile_range=(MIN_TILE, MAX_REQUEST_TILE), max_overlap=MAX_OVERLAP
