@@ -50,8 +50,6 @@ def slide_vendor(path: str | Path) -> str | None:
     return vendor if vendor != "generic-tiff" else None
 
 
-
-
 def slide_size(path: str | Path) -> tuple[int, int] | None:
     """(height, width) of a slide OpenSlide reads; None for any other file."""
     try:

@@ -1,8 +1,9 @@
 """Images read by row bands (`ImageSource`), and what a file's header says before any pixel is decoded.
 
 `open_image` gives an `ImageSource` for a file: whole-slide images are read by row bands through OpenSlide
-(`SlideSource`, see `seg.io.slides`), TIFFs by row bands (striped, tiled or uncompressed), PNG, JPEG and BMP are decoded whole (past Pillow's decompression-bomb limit by imagecodecs,
-after checking that the header's size fits the file's bytes). `header_shape` reads the size, channels and
+(`SlideSource`, see `seg.io.slides`), TIFFs by row bands (striped, tiled or uncompressed), PNG, JPEG and
+BMP are decoded whole (past Pillow's decompression-bomb limit by imagecodecs, after checking that the
+header's size fits the file's bytes). `header_shape` reads the size, channels and
 decoded bytes per pixel of a file or upload from its header alone; `image_size` and the service use it.
 """
 
@@ -51,10 +52,15 @@ class ImageSource:
         raise NotImplementedError
 
     def sample(self, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
-        """Every step-th row and column (h, w, C), about `max_pixels` pixels, for percentiles.
-
-        Reads the image once, band by band; `ArraySource` gives the same pixels by plain slicing.
-        """
+        """About `max_pixels` pixels (h, w, C), for percentiles. Up to `LARGE_PIXELS`: every step-th row and
+        column, read once band by band (`ArraySource` gives the same pixels by plain slicing). Beyond: 32
+        evenly spaced bands of up to 64 rows, columns strided, so a huge file is not read twice."""
+        if self.height * self.width > LARGE_PIXELS:
+            bands = min(32, self.height)
+            rows = max(1, min(self.height // bands, 64))
+            step = max(1, int(np.ceil(bands * rows * self.width / max_pixels)))
+            starts = np.unique(np.linspace(0, self.height - rows, bands).astype(int))
+            return np.concatenate([self.read(y, y + rows)[:, ::step] for y in starts])
         step = sample_step(self.height, self.width, max_pixels)
         band = round_up(1024, step)
         return np.concatenate([self.read(y, y + band)[::step, ::step] for y in range(0, self.height, band)])
@@ -190,17 +196,10 @@ class TiffSource(ImageSource):
         return rows.reshape(n, self.width, layout.channels).astype(self._stored.newbyteorder("="), copy=False)
 
     def sample(self, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
-        """Up to `LARGE_PIXELS`: every step-th row and column, as for an array in memory. Beyond: 32 evenly
-        spaced bands of up to 64 rows, columns strided, so a huge file is not read twice."""
+        """As `ImageSource.sample`, but from the slice in memory when it is decoded whole."""
         if self._decode_whole:
             return ArraySource(self.read(0, self.height), self.name).sample(max_pixels)
-        if self.height * self.width <= LARGE_PIXELS:
-            return super().sample(max_pixels)
-        bands = min(32, self.height)
-        rows = max(1, min(self.height // bands, 64))
-        step = max(1, int(np.ceil(bands * rows * self.width / max_pixels)))
-        starts = np.unique(np.linspace(0, self.height - rows, bands).astype(int))
-        return np.concatenate([self.read(y, y + rows)[:, ::step] for y in starts])
+        return super().sample(max_pixels)
 
     def close(self) -> None:
         self.tif.close()
