@@ -30,6 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
 from seg.io.headers import TIFF_MAGIC, header_size, image_size, stack_size, unsupported_format
+from seg.io.slides import TIFF_SLIDES
 from seg.io.writers import FORMATS
 from serving.gate import IMAGE_TYPES, MAX_FIELDS, BodyError, Disconnected, body_chunks, check_field
 from serving.jobs import MEDIA_TYPES, JobRunner
@@ -86,10 +87,9 @@ class JobRoutes:
         job_id, folder = self.store.new_folder()
         upload = folder / "upload"
         try:
-            fields = await self._receive(request, upload)
+            fields, filename = await self._receive(request, upload)
             options = self._options(fields)
-            name, height, width = self._check_image(upload)
-            upload.rename(folder / name)
+            name, height, width = self._check_image(upload, filename)
             slices = stack_size(folder / name)
             if options.format != "tif" and slices > 1:
                 raise BodyError(400, f"a stack of {slices} slices is segmented into a multi-page TIFF; send format=tif")
@@ -138,8 +138,9 @@ class JobRoutes:
         return FileResponse(path, media_type=media, filename=f"{job['id']}.{path.name}")
 
     # -- helpers -------------------------------------------------------------------------------------------
-    async def _receive(self, request: Request, upload: Path) -> dict[str, str]:
-        """Write the request's image to `upload` as it arrives; the other fields (form or query string)."""
+    async def _receive(self, request: Request, upload: Path) -> tuple[dict[str, str], str]:
+        """Write the request's image to `upload` as it arrives; the other fields (form or query string), and
+        the file name a multipart upload gave ("" for a raw body)."""
         s = self.settings
         chunks = body_chunks(request.receive, s.job_max_bytes, "SEG_JOB_MAX_BYTES", s.body_timeout, s.min_body_rate)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -147,7 +148,7 @@ class JobRoutes:
             with open(upload, "wb") as f:
                 async for chunk in chunks:
                     f.write(chunk)
-            fields = parse_qsl(request.url.query, keep_blank_values=True)
+            fields, filename = parse_qsl(request.url.query, keep_blank_values=True), ""
         else:
             try:
                 form = await MultiPartParser(Headers(scope=request.scope), chunks, max_files=1, max_fields=MAX_FIELDS).parse()
@@ -164,6 +165,7 @@ class JobRoutes:
                 with open(upload, "wb") as f:
                     shutil.copyfileobj(images[0].file, f, 1 << 20)
                 fields = [(k, v) for k, v in form.multi_items() if k != "image"]
+                filename = images[0].filename or ""
             finally:
                 await form.close()
         if len(fields) > MAX_FIELDS:
@@ -175,7 +177,7 @@ class JobRoutes:
                 check_field(name, value)
             except ValueError as err:
                 raise BodyError(400, str(err)) from None
-        return dict(fields)
+        return dict(fields), filename
 
     def _options(self, fields: dict[str, str]) -> JobOptions:
         try:
@@ -190,12 +192,16 @@ class JobRoutes:
             raise BodyError(400, f"overlap: should be at most {self.max_overlap}")
         return options
 
-    def _check_image(self, path: Path) -> tuple[str, int, int]:
-        """(the input's file name by its format, height, width); BodyError when its header is unreadable or
-        it is over SEG_JOB_MAX_PIXELS."""
-        with open(path, "rb") as f:
+    def _check_image(self, upload: Path, filename: str) -> tuple[str, int, int]:
+        """Name the upload by its format (`input.png`, ...; a TIFF sent as a multipart file named `.svs`,
+        `.scn`, ... keeps that suffix, so that OpenSlide reads it as that scanner's slide) and give (its name,
+        height, width); BodyError when its header is unreadable or it is over SEG_JOB_MAX_PIXELS."""
+        with open(upload, "rb") as f:
             head = f.read(64)
         kind = "tif" if head[:4] in TIFF_MAGIC else header_size(head)[0]
+        suffix = Path(filename).suffix.lower()
+        name = f"input{suffix}" if kind == "tif" and suffix in TIFF_SLIDES else f"input.{kind}"
+        path = upload.rename(upload.with_name(name)) if kind else upload
         size = image_size(path) if kind else None
         if size is None:
             raise BodyError(400, f"image: {unsupported_format(path)}")
@@ -203,7 +209,7 @@ class JobRoutes:
         limit = self.settings.job_max_pixels
         if height * width > limit:
             raise BodyError(413, f"image of {width} x {height} pixels is over the limit of {limit} pixels (SEG_JOB_MAX_PIXELS)")
-        return f"input.{kind}", height, width
+        return name, height, width
 
     def _job(self, request: Request) -> dict[str, Any] | None:
         job_id = request.path_params["job_id"]

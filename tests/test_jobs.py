@@ -123,6 +123,22 @@ def test_multipart_geojson_and_ome_zarr_jobs_and_removal(server, em_image, tmp_p
     assert httpx.get(f"{server.url}/jobs/{status['id']}", timeout=10).status_code == 404
 
 
+def test_a_slide_sent_with_its_file_name_is_read_as_that_scanners_slide(server, em_mosaic, tmp_path):
+    """A multipart upload named .svs keeps its suffix, so the job reads it as `seg predict` reads the file
+    (through OpenSlide), to the same mask."""
+    rgb = np.stack([np.tile(em_mosaic, (2, 2))[:1200, :1500]] * 3, -1)
+    path = tmp_path / "slide.svs"
+    aperio = "Aperio Image Library v12.0.15 \r\n1500x1200 [0,100 1500x1200] (256x256) LZW|AppMag = 20|MPP = 0.25"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
+    answer = httpx.post(f"{server.url}/jobs", files={"image": ("slide.svs", path.read_bytes())}, data={"format": "tif"}, timeout=60)
+    assert answer.status_code == 202, answer.text
+    status, _ = wait(server.url, answer.json()["id"])
+    assert status["state"] == "done" and (status["width"], status["height"]) == (1500, 1200), status
+    (tmp_path / "job.tif").write_bytes(httpx.get(server.url + status["result_url"], timeout=30).content)
+    assert np.array_equal(tifffile.imread(tmp_path / "job.tif"), reference_mask(path, tmp_path / "ref"))
+
+
 def test_cancel_stops_a_running_job_and_the_next_one_runs(server, big_png, em_image):
     job_id = submit(server.url, big_png, raw=True, tta="flips").json()["id"]
     wait(server.url, job_id, until=("running",))

@@ -14,7 +14,8 @@ from seg.errors import ImageError
 
 # Slide formats by suffix; MIRAX (.mrxs) and Hamamatsu VMS/VMU keep their data in files beside this one.
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
-TIFF_SLIDES = (".svs", ".ndpi")  # read as TIFFs when OpenSlide is not installed
+TIFF_SLIDES = (".svs", ".ndpi", ".scn", ".bif")  # TIFFs inside
+TIFF_READABLE = (".svs", ".ndpi")  # their first series is the slide: read as TIFFs when OpenSlide is not installed
 
 
 def is_slide(path: str | Path) -> bool:
@@ -40,7 +41,7 @@ def slide_vendor(path: str | Path) -> str | None:
     openslide = openslide_module()
     suffix = Path(path).suffix.lower()
     if openslide is None:
-        if suffix in SLIDE_SUFFIXES and suffix not in TIFF_SLIDES:
+        if suffix in SLIDE_SUFFIXES and suffix not in TIFF_READABLE:
             raise ImageError(f"{path}: {suffix} slides are read through OpenSlide; install it with pip install 'seg[slide]'")
         return None
     try:
