@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -48,6 +48,11 @@ class JobOptions(BaseModel):
     tta: Literal["none", "flips", "d4"] | bool = "none"
     format: Literal[tuple(FORMATS)] = "png"  # type: ignore[valid-type]
     probabilities: bool = False
+
+    @field_validator("tile", "overlap", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # a form's empty field
 
 
 class JobRoutes:
@@ -139,8 +144,8 @@ class JobRoutes:
 
     # -- helpers -------------------------------------------------------------------------------------------
     async def _receive(self, request: Request, upload: Path) -> tuple[dict[str, str], str]:
-        """Write the request's image to `upload` as it arrives; the other fields (form or query string), and
-        the file name a multipart upload gave ("" for a raw body)."""
+        """Write the request's image to `upload` as it arrives; the other fields (the query string's, and a
+        form's, which win), and the file name a multipart upload gave ("" for a raw body)."""
         s = self.settings
         chunks = body_chunks(request.receive, s.job_max_bytes, "SEG_JOB_MAX_BYTES", s.body_timeout, s.min_body_rate)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -164,7 +169,8 @@ class JobRoutes:
                     raise BodyError(400, "send the image as one file field named 'image' (e.g. curl -F image=@a.png)")
                 with open(upload, "wb") as f:
                     shutil.copyfileobj(images[0].file, f, 1 << 20)
-                fields = [(k, v) for k, v in form.multi_items() if k != "image"]
+                query = parse_qsl(request.url.query, keep_blank_values=True)  # options may come either way
+                fields = query + [(k, v) for k, v in form.multi_items() if k != "image"]
                 filename = images[0].filename or ""
             finally:
                 await form.close()
@@ -244,15 +250,17 @@ def openapi_paths(tile_range: tuple[int, int], max_overlap: float) -> dict[str, 
         return {str(status): {"description": description, "content": {"application/json": {"schema": schema}}}}
 
     options = JobOptions.model_json_schema()["properties"]
-    for name, field in options.items():
+    for field in options.values():
         field.pop("title", None)
         branches = field.pop("anyOf", [])
-        if {"type": "null"} in branches:  # `int | None` in OpenAPI 3.0's words
-            field.update(*[b for b in branches if b != {"type": "null"}], nullable=True)
+        if {"type": "null"} in branches:  # `int | None = None`: left out (or empty) for the model's own value
+            field.update(*[b for b in branches if b != {"type": "null"}])
+            field.pop("default")
         elif branches:
             field["anyOf"] = branches
     options["tile"].update(minimum=tile_range[0], maximum=tile_range[1])
     options["overlap"]["maximum"] = max_overlap
+    chosen = {name: {**field, "nullable": True} if name in ("tile", "overlap") else field for name, field in options.items()}
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID.pattern}}
     text, when = {"type": "string", "nullable": True}, {"type": "string", "format": "date-time", "nullable": True}
     state = {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]}
@@ -264,7 +272,7 @@ def openapi_paths(tile_range: tuple[int, int], max_overlap: float) -> dict[str, 
             "progress": {"type": "object", "required": ["tiles_done", "tiles_total"],
                          "properties": {"tiles_done": count, "tiles_total": count}},
             "created": when, "started": when, "finished": when, "error": text,
-            "result_url": {"type": "string"}, "probabilities_url": {"type": "string"}, **options,
+            "result_url": {"type": "string"}, "probabilities_url": {"type": "string"}, **chosen,
         },
     }  # fmt: skip
     form = {"type": "object", "required": ["image"], "additionalProperties": False,

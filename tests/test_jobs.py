@@ -159,6 +159,7 @@ def test_cancel_stops_a_running_job_and_the_next_one_runs(server, big_png, em_im
     [
         ("not an image", 400, "unsupported format GIF"),
         ("tile too large", 400, "tile: should be from"),
+        ("a form with a bad option in its query", 400, "overlap: should be at most"),
         ("unknown format", 400, "format"),
         ("unknown field", 400, "colour"),
         ("two images", 400, "Maximum number of files is 1"),
@@ -177,6 +178,7 @@ def test_bad_job_requests_get_a_4xx_with_a_json_error(server, em_image, case, st
     answer = {
         "not an image": lambda: submit(url, b"GIF89a" + bytes(100), raw=True),
         "tile too large": lambda: submit(url, png, tile="99999"),
+        "a form with a bad option in its query": lambda: httpx.post(f"{url}/jobs", params={"overlap": "0.99"}, files={"image": ("a.png", png)}),
         "unknown format": lambda: submit(url, png, format="jpeg"),
         "unknown field": lambda: submit(url, png, colour="red"),
         "two images": lambda: httpx.post(f"{url}/jobs", files=[("image", ("a.png", png)), ("image", ("b.png", png))]),
