@@ -113,7 +113,8 @@ def job(image: Path, folder: Path, kill_at: float | None = None) -> dict:
         uploaded = time.perf_counter()
         job_id = answer.json()["id"]
         if kill_at:
-            part = poll(server.url, job_id, seen, lambda s: s["progress"]["tiles_done"] >= kill_at * s["progress"]["tiles_total"] > 0)
+            part = poll(server.url, job_id, seen,
+                        lambda s: s["progress"]["tiles_done"] >= kill_at * s["progress"]["tiles_total"] > 0)
             assert part["state"] == "running", part
             peaks.append(max(worker_hwm(pid) for pid in workers))
             os.killpg(server.pid, signal.SIGKILL)  # the server, and its worker (in a session of its own)
@@ -163,7 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternated (predict, job, predict, job, ...)")
-    parser.add_argument("--kill-at", type=float, default=0.5, help="one more job, its server killed at this share of its tiles (0: none)")
+    parser.add_argument("--kill-at", type=float, default=0.5,
+                        help="one more job, its server killed at this share of its tiles (0: none)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import tifffile
@@ -190,7 +192,8 @@ def main() -> None:
         results["same_bytes"] = all(m.read_bytes() == reference.read_bytes() for m in masks)
         mean = lambda runs, key: statistics.mean(r[key] for r in runs)  # noqa: E731
         results["time_ratio"] = round(mean(results["job"], "seconds") / mean(results["predict"], "seconds"), 3)
-        results["run_ratio"] = round(statistics.mean(r["phases"]["run"] for r in results["job"]) / mean(results["predict"], "seconds"), 3)
+        run = statistics.mean(r["phases"]["run"] for r in results["job"])
+        results["run_ratio"] = round(run / mean(results["predict"], "seconds"), 3)
         results["memory_ratio"] = round(mean(results["job"], "peak_rss_mb") / mean(results["predict"], "peak_rss_mb"), 3)
         print(json.dumps(results, indent=2), flush=True)
 

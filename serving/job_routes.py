@@ -302,8 +302,8 @@ def openapi_paths(tile_range: tuple[int, int], max_overlap: float) -> dict[str, 
             "delete": {"summary": "Cancel a queued or running job, or remove an ended one",
                        "responses": answers(json_answer(200, "cancelled or removed", {
                            "type": "object", "required": ["id", "state"],
-                           "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": ["cancelled", "removed"]}}}),
-                           404)},
+                           "properties": {"id": {"type": "string"},
+                                          "state": {"type": "string", "enum": ["cancelled", "removed"]}}}), 404)},
         },
         "/jobs/{job_id}/result": {
             "parameters": [job_id],

@@ -131,7 +131,8 @@ def test_a_slide_sent_with_its_file_name_is_read_as_that_scanners_slide(server, 
     aperio = "Aperio Image Library v12.0.15 \r\n1500x1200 [0,100 1500x1200] (256x256) LZW|AppMag = 20|MPP = 0.25"
     with tifffile.TiffWriter(path) as tif:
         tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
-    answer = httpx.post(f"{server.url}/jobs", files={"image": ("slide.svs", path.read_bytes())}, data={"format": "tif"}, timeout=60)
+    files = {"image": ("slide.svs", path.read_bytes())}
+    answer = httpx.post(f"{server.url}/jobs", files=files, data={"format": "tif"}, timeout=60)
     assert answer.status_code == 202, answer.text
     status, _ = wait(server.url, answer.json()["id"])
     assert status["state"] == "done" and (status["width"], status["height"]) == (1500, 1200), status
@@ -178,7 +179,8 @@ def test_bad_job_requests_get_a_4xx_with_a_json_error(server, em_image, case, st
     answer = {
         "not an image": lambda: submit(url, b"GIF89a" + bytes(100), raw=True),
         "tile too large": lambda: submit(url, png, tile="99999"),
-        "a form with a bad option in its query": lambda: httpx.post(f"{url}/jobs", params={"overlap": "0.99"}, files={"image": ("a.png", png)}),
+        "a form with a bad option in its query": lambda: httpx.post(
+            f"{url}/jobs", params={"overlap": "0.99"}, files={"image": ("a.png", png)}),
         "unknown format": lambda: submit(url, png, format="jpeg"),
         "unknown field": lambda: submit(url, png, colour="red"),
         "two images": lambda: httpx.post(f"{url}/jobs", files=[("image", ("a.png", png)), ("image", ("b.png", png))]),

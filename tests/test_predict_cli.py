@@ -208,7 +208,8 @@ def write_svs(path: Path, rgb: np.ndarray, mpp: float = 0.499) -> None:
     aperio = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,100 {width}x{height}] (256x256) LZW|AppMag = 20|MPP = {mpp}"
     with tifffile.TiffWriter(path) as tif:
         tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
-        tif.write(rgb[::4, ::4], tile=(256, 256), compression="lzw", description=aperio.split("|")[0], photometric="rgb", metadata=None)
+        tif.write(rgb[::4, ::4], tile=(256, 256), compression="lzw", description=aperio.split("|")[0],
+                  photometric="rgb", metadata=None)
 
 
 def test_slides_are_read_through_openslide_and_without_it_as_tiffs(conv_onnx, em_mosaic, tmp_path, monkeypatch):

@@ -78,9 +78,11 @@ def band_writer(
     with atomic_folder(path) if folder else atomic_path(path) as tmp:
         writer: BandWriter
         if folder and source is not None:
-            writer = OmeZarrBandWriter(tmp, pyramid_sizes(height, width), dtype, source, classes, palette, pixel_size)  # type: ignore[assignment]
+            sizes = pyramid_sizes(height, width)
+            writer = OmeZarrBandWriter(tmp, sizes, dtype, source, classes, palette, pixel_size)  # type: ignore[assignment]
         elif folder:
-            writer = OmeZarrProbabilitiesWriter(tmp, pyramid_sizes(height, width), samples, classes, pixel_size)  # type: ignore[assignment]
+            sizes = pyramid_sizes(height, width)
+            writer = OmeZarrProbabilitiesWriter(tmp, sizes, samples, classes, pixel_size)  # type: ignore[assignment]
         elif suffix == ".png":
             writer = PngBandWriter(tmp, height, width, dtype, samples, palette)
         elif suffix == ".geojson":
