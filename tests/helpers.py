@@ -245,3 +245,16 @@ def seg_killed_while_writing(name: str, *args) -> int:
     env = {**os.environ, "SEG_TEST_KILL_WRITING": name, "OMP_NUM_THREADS": "2"}
     command = [sys.executable, "-c", KILL_WHILE_WRITING, *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, timeout=300).returncode
+
+
+def write_svs(path: Path, rgb: np.ndarray, mpp: float = 0.499) -> None:
+    """An Aperio SVS as scanners lay it out: the tiled full-resolution level with the MPP in its description,
+    then a smaller level."""
+    import tifffile
+
+    height, width = rgb.shape[:2]
+    aperio = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,100 {width}x{height}] (256x256) LZW|AppMag = 20|MPP = {mpp}"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
+        tif.write(rgb[::4, ::4], tile=(256, 256), compression="lzw", description=aperio.split("|")[0],
+                  photometric="rgb", metadata=None)

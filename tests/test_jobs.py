@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from helpers import KEY, Server, encode, kill_workers, running_server, server_workers
+from helpers import KEY, Server, encode, kill_workers, running_server, server_workers, write_svs
 
 from seg.inference.runtime import BUNDLED_MODEL
 
@@ -128,9 +128,7 @@ def test_a_slide_sent_with_its_file_name_is_read_as_that_scanners_slide(server, 
     (through OpenSlide), to the same mask."""
     rgb = np.stack([np.tile(em_mosaic, (2, 2))[:1200, :1500]] * 3, -1)
     path = tmp_path / "slide.svs"
-    aperio = "Aperio Image Library v12.0.15 \r\n1500x1200 [0,100 1500x1200] (256x256) LZW|AppMag = 20|MPP = 0.25"
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
+    write_svs(path, rgb, mpp=0.25)
     files = {"image": ("slide.svs", path.read_bytes())}
     answer = httpx.post(f"{server.url}/jobs", files=files, data={"format": "tif"}, timeout=60)
     assert answer.status_code == 202, answer.text

@@ -21,7 +21,7 @@ from seg.inference.runtime import cuda_usable
 from seg.io.images import read_mask
 
 from conftest import EM_IMAGES, SAMPLES
-from helpers import seg_killed_while_writing
+from helpers import seg_killed_while_writing, write_svs
 
 runner = CliRunner()
 
@@ -199,17 +199,6 @@ def test_whole_slide_and_pyramidal_inputs_are_read_at_full_resolution(conv_onnx,
     code, output = predict(conv_onnx, tmp_path / "a" / "slide.ome.tif", "--out", tmp_path / "b", "--format", "tif")
     assert code == 0, output
     assert tifffile.imread(tmp_path / "b" / "slide.ome.tif").shape == (600, 700)  # level 0, not a smaller level
-
-
-def write_svs(path: Path, rgb: np.ndarray, mpp: float = 0.499) -> None:
-    """An Aperio SVS as scanners lay it out: the tiled full-resolution level with the MPP in its description,
-    then a smaller level."""
-    height, width = rgb.shape[:2]
-    aperio = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,100 {width}x{height}] (256x256) LZW|AppMag = 20|MPP = {mpp}"
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(rgb, tile=(256, 256), compression="lzw", description=aperio, photometric="rgb", metadata=None)
-        tif.write(rgb[::4, ::4], tile=(256, 256), compression="lzw", description=aperio.split("|")[0],
-                  photometric="rgb", metadata=None)
 
 
 def test_slides_are_read_through_openslide_and_without_it_as_tiffs(conv_onnx, em_mosaic, tmp_path, monkeypatch):

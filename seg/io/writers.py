@@ -77,11 +77,10 @@ def band_writer(
         raise SegError(f"{path}: write .png, .tif, .ome.zarr or .geojson, not {path.suffix!r}")
     with atomic_folder(path) if folder else atomic_path(path) as tmp:
         writer: BandWriter
+        sizes = pyramid_sizes(height, width) if folder else []
         if folder and source is not None:
-            sizes = pyramid_sizes(height, width)
             writer = OmeZarrBandWriter(tmp, sizes, dtype, source, classes, palette, pixel_size)  # type: ignore[assignment]
         elif folder:
-            sizes = pyramid_sizes(height, width)
             writer = OmeZarrProbabilitiesWriter(tmp, sizes, samples, classes, pixel_size)  # type: ignore[assignment]
         elif suffix == ".png":
             writer = PngBandWriter(tmp, height, width, dtype, samples, palette)
