@@ -99,7 +99,7 @@ def steps_done(run_dir: Path) -> int:
 
 
 def compare(name: str, seed: int, steps: int | None, minutes: float | None, encoder: str, tmp: Path,
-            extra: list[str], parallel: bool = False) -> dict:  # fmt: skip
+            extra: list[str], parallel: bool = False, bare_loop: bool = True) -> dict:  # fmt: skip
     run_dir = tmp / f"{name}_s{seed}_run"
     config = template_config(tmp, name, run_dir)
     extra = [f"train.seed={seed}", *([f"model.encoder={encoder}"] if encoder != "resnet34" else []), *extra]
@@ -126,17 +126,21 @@ def compare(name: str, seed: int, steps: int | None, minutes: float | None, enco
     seg_eval = run([str(BIN / "seg"), "eval", str(run_dir), "--data", str(DATA / name / "test"), "--tta", "none",
                     "--out", str(eval_json)], tmp / f"{run_dir.name}_eval.log", threads)
     ours = json.loads(eval_json.read_text())
-    bare_wall = finish(bare_started, bare_log) if bare_started else run(bare_cmd(steps), bare_log, threads)
-    bare = json.loads(bare_json.read_text())
-    bare_train = bare_wall - bare["predict_seconds"]
-    return {
+    row = {
         "set": name, "seed": seed, "steps": steps, "minutes": minutes, "encoder": encoder, "overrides": sets,
         "parallel": parallel,
         "seg": {"train_seconds": round(seg_train, 1), "s_per_step": round(seg_train / steps, 2),
                 "eval_seconds": round(seg_eval, 1), **headline(ours)},
-        "bare": {"train_seconds": round(bare_train, 1), "s_per_step": round(bare_train / steps, 2),
-                 "eval_seconds": bare["predict_seconds"], **headline(bare)},
+        "bare": None,
     }
+    if not bare_loop:
+        return row
+    bare_wall = finish(bare_started, bare_log) if bare_started else run(bare_cmd(steps), bare_log, threads)
+    bare = json.loads(bare_json.read_text())
+    bare_train = bare_wall - bare["predict_seconds"]
+    row["bare"] = {"train_seconds": round(bare_train, 1), "s_per_step": round(bare_train / steps, 2),
+                   "eval_seconds": bare["predict_seconds"], **headline(bare)}
+    return row
 
 
 def spread(values: list[float]) -> str:
@@ -155,13 +159,17 @@ def table(rows: list[dict]) -> str:
         groups.setdefault((r["set"], r["minutes"] or f"{r['steps']} steps"), []).append(r)
     for (name, budget), group in groups.items():
         seg_iou = [r["seg"]["iou"] for r in group]
+        seg_t = sum(r["seg"]["train_seconds"] for r in group)
+        steps = sum(r["steps"] for r in group)
+        budget = f"{budget} min" if isinstance(budget, (int, float)) else budget
+        if any(r["bare"] is None for r in group):  # --template-only: an ablation of the template
+            lines.append(f"| {name} | {budget} | {len(group)} | {spread(seg_iou)} | | | {steps / len(group):.0f} | "
+                         f"{seg_t / steps:.2f} | | | |")
+            continue
         bare_iou = [r["bare"]["iou"] for r in group]
         diff = [a - b for a, b in zip(seg_iou, bare_iou)]
-        seg_t = sum(r["seg"]["train_seconds"] for r in group)
         bare_t = sum(r["bare"]["train_seconds"] for r in group)
-        steps = sum(r["steps"] for r in group)
         published = PUBLISHED.get(name)
-        budget = f"{budget} min" if isinstance(budget, (int, float)) else budget
         lines.append(
             f"| {name} | {budget} | {len(group)} | {spread(seg_iou)} | {spread(bare_iou)} | {spread(diff)} | "
             f"{steps / len(group):.0f} | {seg_t / steps:.2f} | {bare_t / steps:.2f} | {seg_t / bare_t:.2f}x | "
@@ -182,6 +190,8 @@ def main() -> None:
                         help="an extra override for `seg train` only, e.g. to try a template default")
     parser.add_argument("--parallel", action="store_true",
                         help="run `seg train` and the bare loop at once, one thread each (same load on both)")
+    parser.add_argument("--template-only", action="store_true",
+                        help="no bare loop: an ablation of the template (with --set), its rows in their own --out")
     parser.add_argument("--keep", type=Path, help="keep the runs and logs in this folder")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -202,10 +212,12 @@ def main() -> None:
             for name in names:
                 if (name, seed, args.minutes, None if args.minutes else args.steps) in done:
                     continue
-                rows.append(compare(name, seed, args.steps, args.minutes, args.encoder, tmp, args.extra, args.parallel))
+                rows.append(compare(name, seed, args.steps, args.minutes, args.encoder, tmp, args.extra, args.parallel,
+                                    bare_loop=not args.template_only))  # fmt: skip
                 r = rows[-1]
-                print(f"{name} seed {seed}: template IoU {r['seg']['iou']:.4f} ({r['seg']['s_per_step']} s/step), "
-                      f"bare {r['bare']['iou']:.4f} ({r['bare']['s_per_step']} s/step)", file=sys.stderr, flush=True)
+                bare = f"bare {r['bare']['iou']:.4f} ({r['bare']['s_per_step']} s/step)" if r["bare"] else "no bare loop"
+                print(f"{name} seed {seed}: template IoU {r['seg']['iou']:.4f} ({r['seg']['s_per_step']} s/step), {bare}",
+                      file=sys.stderr, flush=True)
                 if args.out:
                     args.out.write_text(json.dumps(rows, indent=2))
     print(table(rows))
