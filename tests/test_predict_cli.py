@@ -210,6 +210,7 @@ def test_slides_are_read_through_openslide_and_without_it_as_tiffs(conv_onnx, em
     import openslide
 
     import seg.io.sources
+    from seg.io.headers import image_size
     from seg.io.sources import SlideSource, open_image
 
     monkeypatch.setattr(seg.io.sources, "READ_COLUMNS", 1000)
@@ -224,8 +225,21 @@ def test_slides_are_read_through_openslide_and_without_it_as_tiffs(conv_onnx, em
         assert np.array_equal(source.read(1000, 1500), rgb[1000:1500]) and source.pixel_size == (0.499, 0.499)
 
     assert predict(conv_onnx, tmp_path / "plain.tif", "--out", tmp_path / "plain")[0] == 0
+    opened = []
+
+    class Counted(openslide.OpenSlide):
+        def __init__(self, filename):
+            opened.append(filename)
+            super().__init__(filename)
+
+    monkeypatch.setattr(openslide, "OpenSlide", Counted)
     code, output = predict(conv_onnx, tmp_path / "in", "--out", tmp_path / "slide", "--format", "ome-tiff")
     assert code == 0 and "1 predicted" in output, output
+    assert len(opened) == 1  # to read it: its format and size were read once, by open_image above
+    write_svs(tmp_path / "other.svs", rgb[:950])  # a slide replaced by another of the same name
+    assert image_size(tmp_path / "other.svs") == (950, 2500)
+    write_svs(tmp_path / "other.svs", rgb[:800, :1200])
+    assert image_size(tmp_path / "other.svs") == (800, 1200)
     expected = np.asarray(Image.open(tmp_path / "plain" / "plain.png"))
     assert 0 < expected.mean() < 1  # both classes
     with tifffile.TiffFile(tmp_path / "slide" / "slide.ome.tif") as tif:
@@ -240,6 +254,20 @@ def test_slides_are_read_through_openslide_and_without_it_as_tiffs(conv_onnx, em
     (tmp_path / "scan.mrxs").write_text("[GENERAL]\n")
     code, output = predict(conv_onnx, tmp_path / "scan.mrxs", "--out", tmp_path / "mrxs")
     assert code == 1 and "failed" in output and "pip install 'seg[slide]'" in output and "Traceback" not in output
+
+
+def test_a_folder_run_takes_a_vms_slide_as_one_image_not_its_jpeg_tiles(conv_onnx, em_mosaic, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "scan").mkdir(parents=True)
+    for name in ("scan_0.jpg", "scan_1.jpg", "scan_map.jpg", "other.jpg"):
+        Image.fromarray(em_mosaic[:256, :256]).save(folder / "scan" / name)
+    (folder / "scan" / "scan.vms").write_text(
+        "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=2\nNoJpegRows=1\n"
+        "ImageFile=scan_0.jpg\nImageFile(1,0)=scan_1.jpg\nMapFile=scan_map.jpg\n"
+    )  # fmt: skip
+    code, output = predict(conv_onnx, folder, "--out", tmp_path / "out")
+    assert "1 predicted" in output and "scan.vms" in output, output  # the fake slide itself fails to open
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["other.png"]
 
 
 def test_a_slide_openslide_cannot_read_is_a_one_line_error(conv_onnx, tmp_path):

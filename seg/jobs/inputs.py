@@ -11,11 +11,10 @@ from typing import Sequence
 
 from seg.errors import SegError
 from seg.inference.runtime import default_model
-from seg.io.headers import is_image_file
-from seg.io.headers import image_size, stack_size
+from seg.io.headers import image_size, is_image_file, stack_size
+from seg.io.slides import slide_parts
 from seg.io.writers import FORMATS, output_is_whole
 from seg.jobs.job import Job
-
 
 
 def split_model(inputs: Sequence[str]) -> tuple[Path, list[str]]:
@@ -61,13 +60,14 @@ def expand_inputs(items: Sequence[str], exclude: Path | None = None) -> list[Job
         if glob.has_magic(item) and not path.exists():
             base = _glob_base(item)
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
-            files = [m for m in matches if m.is_file() and is_image_file(m)]
+            files = _without_slide_parts([m for m in matches if m.is_file() and is_image_file(m)])
             if not files:
                 jobs.append(Job(path, Path(path.name), error=f"{item}: no image files match"))
             for m in files:
                 add(m, m.relative_to(base) if m.is_relative_to(base) else Path(m.name))
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not _hidden(p, path))
+            files = _without_slide_parts(files)
             if not files:
                 jobs.append(Job(path, Path(path.name), error=f"{path}: no image files in this folder"))
             for f in files:
@@ -77,6 +77,11 @@ def expand_inputs(items: Sequence[str], exclude: Path | None = None) -> list[Job
         else:
             jobs.append(Job(path, Path(path.name), error=f"{path}: no such file or folder"))
     return jobs
+
+
+def _without_slide_parts(files: list[Path]) -> list[Path]:
+    parts = slide_parts(files)
+    return [f for f in files if f.resolve() not in parts] if parts else files
 
 
 def _glob_base(pattern: str) -> Path:
