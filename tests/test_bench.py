@@ -121,3 +121,17 @@ def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean
     assert lines[3].split(" | ")[4] == "30.00"  # the run that had the cores to itself
     only_loaded = [r for r in rows if r["arch"] != "refinenet" or r.get("loaded")]
     assert architectures.table(only_loaded, {}).splitlines()[3].split(" | ")[4] == "65.00 *"
+
+
+def test_accuracy_table_gives_template_only_rows_without_bare_loop_columns():
+    def row(seed, iou, bare):
+        return {"set": "ph2", "seed": seed, "steps": 150, "minutes": 15.0, "seg": {"train_seconds": 900.0, "iou": iou},
+                "bare": {"train_seconds": 450.0, "iou": bare} if bare is not None else None}  # fmt: skip
+
+    def cells(rows):
+        return [c.strip() for c in accuracy.table(rows).splitlines()[2].strip("|").split("|")]
+
+    compared = cells([row(0, 0.6, 0.5), row(1, 0.8, 0.7)])
+    assert compared[3:10] == ["0.700 ± 0.141", "0.600 ± 0.141", "0.100 ± 0.000", "150", "6.00", "3.00", "2.00x"]
+    ablation = cells([row(0, 0.6, None), row(1, 0.8, None)])
+    assert ablation[3:10] == ["0.700 ± 0.141", "", "", "150", "6.00", "", ""]
