@@ -4,7 +4,7 @@ and what the pyramid and polygon writers cost.
 1. A SIDE x SIDE 8-bit TIFF (256-pixel tiles) made of real EM slices (the ISBI samples).
 2. `seg predict IMAGE --format tif`: wall time, peak RSS (the process's maximum resident set).
 3. `seg serve` on the same model, `POST /jobs` with the image as the raw body (`format=tif`), polled every
-   0.5 s until done: wall time from the upload's start to the result downloaded and where it went
+   `--poll` seconds (2) until done: wall time from the upload's start to the result downloaded and where it went
    (upload, queue, run, status lag, download), the worker's peak RSS (its VmHWM; the worker loads the same
    model), whether progress only grew, and whether the mask equals `seg predict`'s (pixels, and bytes).
    Steps 2 and 3 alternate `--repeats` times, so a change in the machine's load falls on both.
@@ -73,7 +73,8 @@ def predict(image: Path, out: Path, fmt: str) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"seg predict failed: {proc.stderr.read().decode()[-2000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss * 1024 / 2**20)}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss * 1024 / 2**20),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def worker_hwm(pid: int) -> int:
@@ -83,17 +84,27 @@ def worker_hwm(pid: int) -> int:
     return 0
 
 
-def poll(url: str, job_id: str, seen: list[int], stop=lambda status: False) -> dict:
-    """The job's status every 0.5 s until it ends (or `stop(status)`); every tiles_done goes into `seen`."""
+def worker_cpu(pid: int) -> float:
+    """User and system CPU seconds of the process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+POLL_SECONDS = 2.0  # polled twice a second, the client alone used a tenth of one of the 2 cores
+
+
+def poll(url: str, job_id: str, seen: list[int], stop=lambda status: False, every: float = POLL_SECONDS) -> dict:
+    """The job's status every `every` seconds until it ends (or `stop(status)`); every tiles_done goes into
+    `seen`."""
     while True:
         status = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
         seen.append(status["progress"]["tiles_done"])
         if status["state"] not in ("queued", "running") or stop(status):
             return status
-        time.sleep(0.5)
+        time.sleep(every)
 
 
-def job(image: Path, folder: Path, kill_at: float | None = None) -> dict:
+def job(image: Path, folder: Path, kill_at: float | None = None, every: float = POLL_SECONDS) -> dict:
     """One job through a fresh `seg serve`: wall seconds (upload to result downloaded) and where they went
     (upload, queue, run, status lag, download, from the job table's own clock), the worker's peak RSS and
     whether progress only grew. With `kill_at`, the server and its worker are SIGKILLed once that share of
@@ -114,23 +125,24 @@ def job(image: Path, folder: Path, kill_at: float | None = None) -> dict:
         job_id = answer.json()["id"]
         if kill_at:
             part = poll(server.url, job_id, seen,
-                        lambda s: s["progress"]["tiles_done"] >= kill_at * s["progress"]["tiles_total"] > 0)
+                        lambda s: s["progress"]["tiles_done"] >= kill_at * s["progress"]["tiles_total"] > 0, every)
             assert part["state"] == "running", part
             peaks.append(max(worker_hwm(pid) for pid in workers))
             os.killpg(server.pid, signal.SIGKILL)  # the server, and its worker (in a session of its own)
             kill_workers(workers)
             killed_at, before = part["progress"]["tiles_done"], list(seen)
         else:
-            status = poll(server.url, job_id, seen)
+            status = poll(server.url, job_id, seen, every=every)
             ended = time.perf_counter()
             status = download(server.url, status, folder)
             peaks.append(max(worker_hwm(pid) for pid in workers))
+            cpu = {"worker": round(sum(worker_cpu(pid) for pid in workers), 1), "server": round(worker_cpu(server.pid), 1)}
     kill_workers(workers)
     if kill_at:
         (folder / "second").mkdir()
         with running_server(BUNDLED_MODEL, folder / "second", **env) as server:
             workers = server_workers(server.pid)
-            status = poll(server.url, job_id, seen)
+            status = poll(server.url, job_id, seen, every=every)
             ended = time.perf_counter()
             status = download(server.url, status, folder)
             peaks.append(max(worker_hwm(pid) for pid in workers))
@@ -145,6 +157,8 @@ def job(image: Path, folder: Path, kill_at: float | None = None) -> dict:
                    "download": round(finished - ended, 1)},
         "progress_monotone": seen == sorted(seen), "polls": len(seen), "tiles": status["progress"]["tiles_total"],
     }  # fmt: skip
+    if not kill_at:
+        result["cpu_seconds"] = cpu
     if kill_at:  # progress starts again from 0 when the job runs again
         first, second = seen[: len(before)], seen[len(before) :]
         result["killed_after_tiles"] = killed_at
@@ -166,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternated (predict, job, predict, job, ...)")
     parser.add_argument("--kill-at", type=float, default=0.5,
                         help="one more job, its server killed at this share of its tiles (0: none)")
+    parser.add_argument("--poll", type=float, default=POLL_SECONDS, help="seconds between status requests")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import tifffile
@@ -175,16 +190,17 @@ def main() -> None:
         tmp = Path(tmp)
         image = tmp / "mosaic.tif"
         make_image(image, args.side)
-        results: dict = {"side": args.side, "image_mb": round(image.stat().st_size / 2**20), "predict": [], "job": []}
+        results: dict = {"side": args.side, "image_mb": round(image.stat().st_size / 2**20), "poll_seconds": args.poll,
+                         "predict": [], "job": []}
         for run in range(args.repeats):
             results["predict"].append(predict(image, tmp / f"predict{run}", "tif"))
             (tmp / f"server{run}").mkdir()
-            results["job"].append(job(image, tmp / f"server{run}"))
+            results["job"].append(job(image, tmp / f"server{run}", every=args.poll))
             print(json.dumps(results, indent=2), flush=True)
         masks = [tmp / f"server{run}" / "job.tif" for run in range(args.repeats)]
         if args.kill_at:
             (tmp / "killed").mkdir()
-            results["killed_job"] = job(image, tmp / "killed", args.kill_at)
+            results["killed_job"] = job(image, tmp / "killed", args.kill_at, every=args.poll)
             masks.append(tmp / "killed" / "job.tif")
         reference = tmp / "predict0" / "mosaic.tif"
         expected = tifffile.imread(reference)
