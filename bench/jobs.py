@@ -159,7 +159,7 @@ def job(image: Path, folder: Path, kill_at: float | None = None, every: float = 
     }  # fmt: skip
     if not kill_at:
         result["cpu_seconds"] = cpu
-    if kill_at:  # progress starts again from 0 when the job runs again
+    else:  # progress starts again from 0 when the job runs again
         first, second = seen[: len(before)], seen[len(before) :]
         result["killed_after_tiles"] = killed_at
         result["progress_monotone"] = first == sorted(first) and second == sorted(second)
