@@ -60,7 +60,7 @@ class DataConfig(Section):
     crop_size: int = Field(256, ge=8)
     # share of training crops that hold a class other than 0; auto: a third when a class is rare (under 10%)
     foreground_crops: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.0
-    augment: list[Transform] | Literal["default", "none"] = "default"
+    augment: list[Transform] | Literal["default", "strong", "none"] = "default"
     kind: Literal["em", "natural"] | None = None
     cache: bool = True
 

@@ -66,6 +66,25 @@ def test_shipped_configs_validate(name, tmp_path):
         assert (len(train), len(val)) == (20, 5)
 
 
+def test_em_default_augmentation_only_turns_and_flips_and_strong_also_warps():
+    """On whole 512² ISBI slices (the crop is the slice), every `default` mask is one of the slice's 8 turns
+    and flips; `strong`, the bundled model's recipe, also warps them."""
+    config = ROOT / "configs" / "unet_isbi2012.yaml"
+
+    def masks(augment: str, draws: int = 12):
+        cfg = load_config(config, ["data.crop_size=512", f"data.augment={augment}"])
+        train, _ = find_samples(cfg.data)
+        ds = SegmentationDataset(train[:1], cfg.data, build_augmentation(cfg.data, seed=5))
+        return ds.load(0)[1], [ds[0][1].numpy() for _ in range(draws)]
+
+    assert load_config(config).data.augment == "strong"
+    for augment, warped in (("default", False), ("strong", True)):
+        mask, drawn = masks(augment)
+        turns = [np.rot90(m, k) for m in (mask, mask.T) for k in range(4)]
+        plain = [any(np.array_equal(d, t) for t in turns) for d in drawn]
+        assert (not all(plain)) if warped else all(plain), augment
+
+
 def test_voc_tree_trains_with_ignore_index(tmp_path):
     make_voc(tmp_path)
     cfg = load_config(ROOT / "configs" / "refinenet_lw_voc.yaml", [f"data.root={tmp_path}", "data.crop_size=64"])

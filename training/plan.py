@@ -241,7 +241,7 @@ def plan(fp: Fingerprint, device: str = "cpu", time_limit: float | None = None, 
             f"{fp.dtype}: intensities fill {lo:g}..{hi:g} (0.5-99.5 percentile), not the dtype's range; each image's own percentiles")  # fmt: skip
     kind = "natural" if fp.channels == 3 else "em"
     add("data.kind", kind, "RGB: photographs (crops and flips)" if kind == "natural"
-        else f"{fp.channels}-channel: microscopy/EM augmentation (flips, 90° turns, elastic, brightness)")  # fmt: skip
+        else f"{fp.channels}-channel: microscopy/EM augmentation (flips, 90° turns)")  # fmt: skip
     h, w = fp.size("median")
     side = min(h, w)
     crop = min(d["crop"], _round32(side))
