@@ -70,10 +70,7 @@ def slide_vendor(path: str | Path) -> str | None:
 
 def slide_size(path: str | Path) -> tuple[int, int] | None:
     """(height, width) of a slide OpenSlide reads; None for any other file."""
-    try:
-        if not is_slide(path) or not slide_vendor(path):
-            return None
-    except ImageError:  # unreadable: the prediction will report it
+    if not is_slide(path) or openslide_module() is None:
         return None
     return _probe(path)[1]
 
