@@ -56,7 +56,7 @@ def test_tiled_mask_is_seamless_on_1024(unet_onnx, em_mosaic):
 def test_matches_the_pytorch_predictor(unet_onnx, unet_checkpoint, em_image):
     from training.torch_runner import checkpoint_predictor
 
-    image = em_image[:200, :300]  # 4 tiles: PyTorch eager is slow on the CPU
+    image = em_image[:200, :300]  # small: PyTorch eager is slow on the CPU
     torch_model = checkpoint_predictor(unet_checkpoint, device="cpu")
     expected = torch_model.predict(image, probabilities=True).probabilities
 

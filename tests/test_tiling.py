@@ -95,7 +95,7 @@ def traced_peak(height: int, width: int) -> int:
     return peak
 
 
-@pytest.mark.parametrize("shape", [(1, 400_000), (400_000, 1), (4, 100_000)])
+@pytest.mark.parametrize("shape", [(1, 1_200_000), (1_200_000, 1), (4, 300_000)])  # squares past one batch
 def test_memory_follows_the_pixel_count(shape):
     side = int(np.sqrt(shape[0] * shape[1]))
     assert traced_peak(*shape) < 2 * traced_peak(side, side)
@@ -225,3 +225,24 @@ def test_d4_differs_from_flips_and_commutes_with_rotation():
     # Flips alone do not commute with a rotation by 90 degrees for this model.
     turned = tiled(np.ascontiguousarray(np.rot90(image, 1, axes=(1, 2))), by_row, tta="flips", **options)
     assert np.abs(turned - np.rot90(flips, 1, axes=(1, 2))).max() > 0.05
+
+
+def test_an_image_that_fits_one_batch_is_one_tile():
+    """A 512 x 512 image with its reflected margin is 640 x 640: one call of the model on it, not four 512
+    tiles (2.6 times the pixels); the same answer for a model that sees one pixel at a time."""
+    rng = np.random.default_rng(2)
+    image = rng.random((1, 512, 512), dtype=np.float32)
+    shapes = []
+
+    def model(batch):
+        shapes.append(batch.shape)
+        return pointwise(batch)
+
+    for batch_size, expected in ((4, [(1, 1, 640, 640)]), (1, [(1, 1, 512, 512)] * 4)):
+        shapes.clear()
+        options = TilingOptions(tile=512, batch_size=batch_size)
+        got = np.concatenate([p for _, p in predict_tiled(lambda y0, y1: image[:, y0:y1], 512, 512, model, options)], 1)
+        assert shapes == expected
+        np.testing.assert_allclose(got, softmax(pointwise(image[None]))[0], atol=1e-5)
+    grid = tile_grid(900, 900, 512, 0.25, 32, batch_size=4)  # 1056 x 1056 with its margin: more than 4 tiles
+    assert grid.tiles == 9 and grid.tile_y == grid.tile_x == 512

@@ -130,7 +130,8 @@ class Predictor:
     def tile_count(self, height: int, width: int, options: TilingOptions | None = None) -> int:
         """Tiles that an image of this size is cut into (for progress bars)."""
         options = options or self.options
-        return tile_grid(height, width, options.tile, options.overlap, self.info.stride, options.edges).tiles
+        grid = tile_grid(height, width, options.tile, options.overlap, self.info.stride, options.edges, options.batch_size)
+        return grid.tiles
 
     def bands(
         self,

@@ -192,8 +192,14 @@ def tta_runner(run: Runner, level: str) -> Runner:
     return lambda batch: softmax(run(batch))
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int, edges: str = "mirror") -> TileGrid:
+def tile_grid(
+    height: int, width: int, tile: int, overlap: float, multiple: int, edges: str = "mirror", batch_size: int = 1
+) -> TileGrid:
     """The geometry of a tiling: tile size, margin, canvas size and tile origins, per axis.
+
+    An image whose canvas (with its margin, rounded up to `multiple`) holds no more pixels than a batch
+    of `batch_size` tiles is one tile: the same memory as a batch, and none of the overlap's repeated work
+    (a 512 x 512 image with its margin is 640 x 640, which four 512 x 512 tiles would cover 2.6 times).
 
     With edges "inside" there is no margin: the canvas is the image, padded at its far end to the stride
     where a side is shorter than a tile. A side shorter than a tile gets one tile of its padded length (a
@@ -208,11 +214,14 @@ def tile_grid(height: int, width: int, tile: int, overlap: float, multiple: int,
     grid: dict = {"margin": margin}  # the fields of the TileGrid
     lengths = {"y": height, "x": width}
     margins = {axis: 0 if edges == "inside" else min(margin, length) for axis, length in lengths.items()}
-    sizes = {axis: min(tile, round_up(n + 2 * margins[axis], multiple)) for axis, n in lengths.items()}
+    whole = {axis: round_up(n + 2 * margins[axis], multiple) for axis, n in lengths.items()}
+    sizes = {axis: min(tile, n) for axis, n in whole.items()}
+    if whole["y"] * whole["x"] <= batch_size * tile * tile:
+        sizes = whole
     for axis, other in (("y", "x"), ("x", "y")):
         if sizes[axis] == tile and sizes[other] < tile:  # a thin image: longer tiles along its long side
             longest = max(tile, (tile * tile // sizes[other]) // multiple * multiple)
-            sizes[axis] = min(longest, round_up(lengths[axis] + 2 * margins[axis], multiple))
+            sizes[axis] = min(longest, whole[axis])
     for axis, length in lengths.items():
         size = sizes[axis]
         canvas = max(length + 2 * margins[axis], size)
@@ -247,7 +256,7 @@ def predict_tiled(
     Yields:
         (y0, probabilities of shape (K, rows, width)) for finished rows, top to bottom.
     """
-    grid = tile_grid(height, width, options.tile, options.overlap, multiple, options.edges)
+    grid = tile_grid(height, width, options.tile, options.overlap, multiple, options.edges, options.batch_size)
     th, tw = grid.tile_y, grid.tile_x
     my, mx = grid.margin_y, grid.margin_x
     ys, xs = grid.starts_y, grid.starts_x
