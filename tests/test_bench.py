@@ -135,3 +135,13 @@ def test_accuracy_table_gives_template_only_rows_without_bare_loop_columns():
     assert compared[3:10] == ["0.700 ± 0.141", "0.600 ± 0.141", "0.100 ± 0.000", "150", "6.00", "3.00", "2.00x"]
     ablation = cells([row(0, 0.6, None), row(1, 0.8, None)])
     assert ablation[3:10] == ["0.700 ± 0.141", "", "", "150", "6.00", "", ""]
+
+
+def test_one_tile_bench_runs_both_grids_side_by_side(tmp_path):
+    out = tmp_path / "one_tile.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "one_tile.py"), "--repeats", "1", "--sizes", "512x512,1024x1024",
+                    "--json", str(out)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    small, control = json.loads(out.read_text())["speed"]
+    assert small["tiles"] == [1, 4] and control["tiles"] == [9, 9]  # 1024² and its margin fit no batch of 4
+    assert small["agreement"] > 0.98 and control["agreement"] == 1.0
+    assert small["one_tile_s"] > 0 and small["tiled_s"] > 0
