@@ -36,7 +36,8 @@ def lr_factor(cfg: Config, progress: float, epoch_float: float) -> float:
 
 
 # A validation pixel costs about 2/3 of a training pixel: a forward pass is about a third of forward and
-# backward, and tiles with 0.25 overlap (and a mirrored margin) see each pixel about twice. Validations
+# backward, and tiles with 0.25 overlap (and a mirrored margin) see each pixel about twice (an image that
+# fits one batch of tiles is one tile, seen about 1.3 times with its margin: there, an upper bound). Validations
 # at least VAL_COST x (validation pixels) / (training pixels a step) steps apart cost at most a tenth of
 # the training between them (9 x 2/3 = 6).
 VAL_COST = 6
