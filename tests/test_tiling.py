@@ -95,7 +95,7 @@ def traced_peak(height: int, width: int) -> int:
     return peak
 
 
-@pytest.mark.parametrize("shape", [(1, 1_200_000), (1_200_000, 1), (4, 300_000)])  # squares past one batch
+@pytest.mark.parametrize("shape", [(1, 1_200_000), (1_200_000, 1), (4, 300_000)])  # squares as big fit no batch: tiled too
 def test_memory_follows_the_pixel_count(shape):
     side = int(np.sqrt(shape[0] * shape[1]))
     assert traced_peak(*shape) < 2 * traced_peak(side, side)
