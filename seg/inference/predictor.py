@@ -35,7 +35,7 @@ from seg.io.images import display_range, overlay, to_channels, to_display_rgb
 from seg.inference.runtime import (
     CUDA, choose_model, create_session, describe_provider, gpu_batch_size, onnx_runner, read_model_info,
 )  # fmt: skip
-from seg.inference.tiling import Runner, TilingOptions, predict_tiled, tile_grid
+from seg.inference.tiling import Runner, TilingOptions, predict_tiled
 from seg.io.sources import ArraySource, ImageSource, TiffSource, open_image
 from seg.io.writers import band_writer, page_writer
 
@@ -130,8 +130,7 @@ class Predictor:
     def tile_count(self, height: int, width: int, options: TilingOptions | None = None) -> int:
         """Tiles that an image of this size is cut into (for progress bars)."""
         options = options or self.options
-        grid = tile_grid(height, width, options.tile, options.overlap, self.info.stride, options.edges, options.batch_size)
-        return grid.tiles
+        return options.grid(height, width, self.info.stride).tiles
 
     def bands(
         self,

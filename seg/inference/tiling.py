@@ -76,6 +76,10 @@ class TilingOptions:
         for key, kind in (("tile", int), ("overlap", float), ("batch_size", int)):
             object.__setattr__(self, key, kind(getattr(self, key)))
 
+    def grid(self, height: int, width: int, multiple: int) -> "TileGrid":
+        """The tiling of an image of `height` x `width` with these options (see `tile_grid`)."""
+        return tile_grid(height, width, self.tile, self.overlap, multiple, self.edges, self.batch_size)
+
     def replace(self, **changes: Any) -> "TilingOptions":
         """A copy with the changes given (None keeps a value), checked again."""
         return replace(self, **{key: value for key, value in changes.items() if value is not None})
@@ -256,7 +260,7 @@ def predict_tiled(
     Yields:
         (y0, probabilities of shape (K, rows, width)) for finished rows, top to bottom.
     """
-    grid = tile_grid(height, width, options.tile, options.overlap, multiple, options.edges, options.batch_size)
+    grid = options.grid(height, width, multiple)
     th, tw = grid.tile_y, grid.tile_x
     my, mx = grid.margin_y, grid.margin_x
     ys, xs = grid.starts_y, grid.starts_x
