@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from accuracy import BIN, DATA, SETS, finish, headline, start, step_overrides, template_config  # noqa: E402
 
-ARCHS = ("refinenet", "refinenet_lw")
+ARCHS = ("refinenet", "refinenet_lw")  # the default --archs
+ORDER = ("unet", "unetplusplus", "linknet", "attention_unet", "refinenet", "refinenet_lw")
 SPEED_SIDE = 1024
 
 
@@ -112,7 +113,7 @@ def table(rows: list[dict], speed: dict[str, float]) -> str:
     `loaded`; from the loaded ones, marked *, when all are), and prediction MP/s."""
     lines = ["| set | arch | seeds | test IoU | s/step (train) | predict MP/s |", "|---|---|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: (r["set"], ("unet", *ARCHS).index(r["arch"]))):
+    for r in sorted(rows, key=lambda r: (r["set"], ORDER.index(r["arch"]))):
         groups.setdefault((r["set"], r["arch"]), []).append(r)
     for (name, arch), group in groups.items():
         timed = [r for r in group if not r.get("loaded")] or group  # runs that shared the cores count only alone
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--sets", default="lucchi_pp,horses")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--archs", default=",".join(ARCHS), help=f"from {', '.join(ORDER[1:])}")
     parser.add_argument("--baseline", type=Path, default=ROOT / "bench" / "accuracy_results.json",
                         help="accuracy.py's results: the template's rows are the U-Net column")
     parser.add_argument("--speed", action="store_true", help="also measure prediction megapixels/s")
@@ -138,13 +140,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     names, seeds = args.sets.split(","), [int(s) for s in args.seeds.split(",")]
+    archs = args.archs.split(",")
     unknown = [n for n in names if n not in SETS]
     if unknown:
         sys.exit(f"error: --sets: unknown set {unknown[0]!r} (choose from {', '.join(SETS)})")
+    unknown = [a for a in archs if a not in ORDER[1:]]
+    if unknown:
+        sys.exit(f"error: --archs: unknown architecture {unknown[0]!r} (choose from {', '.join(ORDER[1:])})")
     saved = json.loads(args.out.read_text()) if args.out and args.out.exists() else {"rows": [], "speed": {}}
     rows, speed = saved["rows"], saved["speed"]
     done = {(r["set"], r["seed"], r["arch"], r["steps"]) for r in rows}
-    todo = [(n, s, a) for s in seeds for n in names for a in ARCHS if (n, s, a, args.steps) not in done]
+    todo = [(n, s, a) for s in seeds for n in names for a in archs if (n, s, a, args.steps) not in done]
     with tempfile.TemporaryDirectory(prefix="seg_archs_") as tmp:
         tmp = Path(args.keep or tmp)
         tmp.mkdir(parents=True, exist_ok=True)

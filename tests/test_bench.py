@@ -121,6 +121,16 @@ def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean
     assert lines[3].split(" | ")[4] == "30.00"  # the run that had the cores to itself
     only_loaded = [r for r in rows if r["arch"] != "refinenet" or r.get("loaded")]
     assert architectures.table(only_loaded, {}).splitlines()[3].split(" | ")[4] == "65.00 *"
+    rows += [{"set": "horses", "seed": 0, "arch": "linknet", "steps": 100, "train_seconds": 1500.0, "iou": 0.3}]
+    assert [line.split(" | ")[1] for line in architectures.table(rows, {}).splitlines()[2:]] == [
+        "unet", "linknet", "refinenet", "refinenet_lw"]  # skip forms first, in the order of the docs
+
+
+def test_architectures_bench_refuses_an_unknown_architecture():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "architectures.py"), "--archs", "linknet,segformer"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    assert "unknown architecture 'segformer'" in done.stderr and "unetplusplus" in done.stderr
 
 
 def test_accuracy_table_gives_template_only_rows_without_bare_loop_columns():
