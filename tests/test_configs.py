@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from seg.cli import app
 from seg.config import VOC_CLASSES, load_config
-from seg.data.samples import find_samples
+from seg.data.samples import find_samples, load_pair
+from seg.inference.preprocess import normalize
 from training.data import SegmentationDataset, build_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,8 @@ def test_16bit_multichannel_tiff_with_percentile_normalisation(tmp_path):
     assert x.shape == (2, 80, 96)
     assert -2.1 <= float(x.min()) and float(x.max()) <= 2.1  # percentiles mapped to 0..1, then mean/std
     assert set(torch.unique(y).tolist()) == {0, 1}
+    image, _ = load_pair(train[0], cfg.data)  # training's input is the predictor's, bit for bit
+    np.testing.assert_array_equal(x.numpy(), normalize(image, cfg.data.normalize))
     run_seg("train", cfg_path, *sets(*overrides))
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 

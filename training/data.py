@@ -100,7 +100,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int):
         image, mask = self.load(index)
         weights = self.weight_maps.get(self.samples[index].name)
-        x = normalize(image, self.data.normalize).transpose(1, 2, 0)
+        x = normalize(image, self.data.normalize, channels_first=False)
         if self.transform is not None:
             extra = {} if weights is None else {"weights": weights}
             out = self.transform(image=x, mask=mask, **extra)

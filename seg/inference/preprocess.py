@@ -54,19 +54,23 @@ def intensity_range(image: np.ndarray, norm: Normalization, max_samples: int = 4
 
 
 def normalize(
-    image: np.ndarray, norm: Normalization, value_range: tuple[float, float] | None = None
+    image: np.ndarray, norm: Normalization, value_range: tuple[float, float] | None = None,
+    channels_first: bool = True,
 ) -> np.ndarray:
-    """(H, W, C) image in its own dtype -> (C, H, W) float32, ready for the model."""
+    """(H, W, C) image in its own dtype -> (C, H, W) float32, ready for the model; (H, W, C) with
+    `channels_first=False`, as augmentation takes it (no transposed copy)."""
     lo, hi = value_range if value_range is not None else intensity_range(image, norm)
-    x = image.astype(np.float32)
-    x = (x - lo) * (1.0 / (hi - lo))
+    x = image.astype(np.float32)  # a copy: the steps below work in place
+    x -= lo
+    x *= 1.0 / (hi - lo)
     if effective_mode(norm, image.dtype) == "percentile":
         np.clip(x, 0.0, 1.0, out=x)
     channels = x.shape[2]
     mean = _per_channel(norm.mean, channels)
     std = _per_channel(norm.std, channels)
-    x = (x - mean) / std
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    x -= mean
+    x /= std
+    return np.ascontiguousarray(x.transpose(2, 0, 1)) if channels_first else x
 
 
 def _per_channel(values: Sequence[float], channels: int) -> np.ndarray:
