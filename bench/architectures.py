@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from accuracy import BIN, DATA, SETS, finish, headline, start, step_overrides, template_config  # noqa: E402
+from seg.models import ARCHS as REGISTERED  # noqa: E402
 
 ARCHS = ("refinenet", "refinenet_lw")  # the default --archs
-ORDER = ("unet", "unetplusplus", "linknet", "attention_unet", "refinenet", "refinenet_lw")
+ORDER = tuple(REGISTERED)  # the registry's order: unet first, then the other skip forms, then the RefineNets
 SPEED_SIDE = 1024
 
 
