@@ -7,7 +7,7 @@ bench/accuracy.py) plus `model.arch`, the seed and the step budget, then `seg ev
 accuracy.py's template and bare loop. The U-Net column is the template's rows of accuracy.py's results
 (same config, seeds, steps and load), so it is not trained again.
 
-Prediction speed (`--speed`): each architecture's seed-0 run of the first set is exported (`seg export`)
+Prediction speed (`--speed`, kept per set): each architecture's seed-0 run of the first set is exported (`seg export`)
 and runs `Predictor` on one 1024 x 1024 image made of that set's test images, fp32, both cores; the
 architectures take turns, best of `--repeats`. With `--unet-runs DIR` (accuracy.py's --keep folder) the
 U-Net's run is exported too.
@@ -109,9 +109,9 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(rows: list[dict], speed: dict[str, float]) -> str:
+def table(rows: list[dict], speed: dict[str, dict]) -> str:
     """Per set and architecture: the object's IoU (mean ± sd over seeds), s/step (from the runs not marked
-    `loaded`; from the loaded ones, marked *, when all are), and prediction MP/s."""
+    `loaded`; from the loaded ones, marked *, when all are), and prediction MP/s (`speed`: set -> arch -> MP/s)."""
     lines = ["| set | arch | seeds | test IoU | s/step (train) | predict MP/s |", "|---|---|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r["set"], ORDER.index(r["arch"]))):
@@ -120,7 +120,7 @@ def table(rows: list[dict], speed: dict[str, float]) -> str:
         timed = [r for r in group if not r.get("loaded")] or group  # runs that shared the cores count only alone
         seconds = f"{sum(r['train_seconds'] for r in timed) / sum(r['steps'] for r in timed):.2f}"
         seconds += " *" if timed[0].get("loaded") else ""
-        mps = speed.get(arch) if speed.get("set") == name else None
+        mps = speed.get(name, {}).get(arch)
         lines.append(f"| {name} | {arch} | {len(group)} | {spread([r['iou'] for r in group])} | {seconds} | "
                      + (f"{mps:.2f}" if mps else "") + " |")
     return "\n".join(lines)
@@ -169,7 +169,7 @@ def main() -> None:
             runs = {r["arch"]: Path(r["run"]) for r in rows if r["set"] == first and r["seed"] == seeds[0]}
             if args.unet_runs:
                 runs = {"unet": args.unet_runs / f"{first}_s{seeds[0]}_run", **runs}
-            speed = {"set": first, "side": SPEED_SIDE, **speeds(runs, first, tmp, args.repeats)}
+            speed[first] = {"side": SPEED_SIDE, **speeds(runs, first, tmp, args.repeats)}
             if args.out:
                 args.out.write_text(json.dumps({"rows": rows, "speed": speed}, indent=2))
     print(table(unet_rows(args.baseline, names, seeds, args.steps) + rows, speed))

@@ -111,7 +111,7 @@ def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean
     assert [(r["arch"], r["seed"], r["iou"]) for r in unet] == [("unet", 0, 0.6), ("unet", 1, 0.7)]
     rows = unet + [{"set": "horses", "seed": s, "arch": "refinenet_lw", "steps": 100, "train_seconds": 2000.0,
                     "iou": iou} for s, iou in ((0, 0.5), (1, 0.6))]  # fmt: skip
-    lines = architectures.table(rows, {"set": "horses", "unet": 1.25, "refinenet_lw": 0.5}).splitlines()
+    lines = architectures.table(rows, {"horses": {"unet": 1.25, "refinenet_lw": 0.5}, "ph2": {"unet": 9.0}}).splitlines()
     assert lines[2] == "| horses | unet | 2 | 0.650 ± 0.071 | 10.00 | 1.25 |"
     assert lines[3] == "| horses | refinenet_lw | 2 | 0.550 ± 0.071 | 20.00 | 0.50 |"
     rows += [{"set": "horses", "seed": s, "arch": "refinenet", "steps": 100, "train_seconds": t, "iou": 0.4, "loaded": loaded}
