@@ -1,5 +1,5 @@
-"""U-Net, RefineNet and light-weight RefineNet on the real sets: accuracy, training time per step and
-prediction speed, side by side.
+"""U-Net against the other skip forms (U-Net++, LinkNet, attention-gated U-Net) and the two RefineNets on the
+real sets: accuracy, training time per step and prediction speed, side by side.
 
 Every run is `seg train` on configs/custom_folder.yaml edited only where a user edits it (as in
 bench/accuracy.py) plus `model.arch`, the seed and the step budget, then `seg eval` on the set's test split
@@ -7,9 +7,9 @@ bench/accuracy.py) plus `model.arch`, the seed and the step budget, then `seg ev
 accuracy.py's template and bare loop. The U-Net column is the template's rows of accuracy.py's results
 (same config, seeds, steps and load), so it is not trained again.
 
-Prediction speed (`--speed`, kept per set): each architecture's seed-0 run of the first set is exported (`seg export`)
-and runs `Predictor` on one 1024 x 1024 image made of that set's test images, fp32, both cores; the
-architectures take turns, best of `--repeats`. With `--unet-runs DIR` (accuracy.py's --keep folder) the
+Prediction speed (`--speed`, kept per set): the seed-0 run of each of `--archs` on the first set is exported
+(`seg export`) and runs `Predictor` on one 1024 x 1024 image made of that set's test images, fp32, both
+cores; the architectures take turns, best of `--repeats`. With `--unet-runs DIR` (accuracy.py's --keep folder) the
 U-Net's run is exported too.
 
     python bench/architectures.py --sets lucchi_pp,horses --seeds 0,1 --out bench/architectures_results.json \
@@ -166,7 +166,8 @@ def main() -> None:
                     args.out.write_text(json.dumps({"rows": rows, "speed": speed}, indent=2))
         if args.speed:
             first = names[0]
-            runs = {r["arch"]: Path(r["run"]) for r in rows if r["set"] == first and r["seed"] == seeds[0]}
+            runs = {r["arch"]: Path(r["run"]) for r in rows
+                    if r["set"] == first and r["seed"] == seeds[0] and r["arch"] in archs}  # fmt: skip
             if args.unet_runs:
                 runs = {"unet": args.unet_runs / f"{first}_s{seeds[0]}_run", **runs}
             speed[first] = {"side": SPEED_SIDE, **speeds(runs, first, tmp, args.repeats)}
