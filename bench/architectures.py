@@ -5,7 +5,8 @@ Every run is `seg train` on configs/custom_folder.yaml edited only where a user 
 bench/accuracy.py) plus `model.arch`, the seed and the step budget, then `seg eval` on the set's test split
 (no TTA). Runs go two at a time on one thread each, so every architecture trains under the same load as
 accuracy.py's template and bare loop. The U-Net column is the template's rows of accuracy.py's results
-(same config, seeds, steps and load), so it is not trained again.
+(same config, seeds and steps), unless `--archs unet` trains it here too, beside the others under the same
+load; then this file's own U-Net rows stand for that set.
 
 Prediction speed (`--speed`, kept per set): the seed-0 run of each of `--archs` on the first set is exported
 (`seg export`) and runs `Predictor` on one 1024 x 1024 image made of that set's test images, fp32, both
@@ -64,11 +65,13 @@ def complete(job: dict, tmp: Path) -> dict:
             "eval_seconds": round(eval_seconds, 1), **headline(json.loads(eval_json.read_text()))}  # fmt: skip
 
 
-def unet_rows(baseline: Path, names: list[str], seeds: list[int], steps: int) -> list[dict]:
-    """The template's rows of accuracy.py's results, as U-Net rows."""
-    rows = json.loads(baseline.read_text()) if baseline.exists() else []
+def unet_rows(baseline: Path, names: list[str], seeds: list[int], steps: int, rows: list[dict] = ()) -> list[dict]:
+    """The template's rows of accuracy.py's results, as U-Net rows, for the sets that `rows` has no U-Net of."""
+    own = {r["set"] for r in rows if r["arch"] == "unet"}
+    template = json.loads(baseline.read_text()) if baseline.exists() else []
     return [{"set": r["set"], "seed": r["seed"], "arch": "unet", "steps": r["steps"], **r["seg"]}
-            for r in rows if r["set"] in names and r["seed"] in seeds and r["steps"] == steps and not r["minutes"]]  # fmt: skip
+            for r in template if r["set"] in names and r["set"] not in own and r["seed"] in seeds
+            and r["steps"] == steps and not r["minutes"]]  # fmt: skip
 
 
 def speed_image(name: str) -> np.ndarray:
@@ -131,7 +134,7 @@ def main() -> None:
     parser.add_argument("--sets", default="lucchi_pp,horses")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--archs", default=",".join(ARCHS), help=f"from {', '.join(ORDER[1:])}")
+    parser.add_argument("--archs", default=",".join(ARCHS), help=f"from {', '.join(ORDER)}")
     parser.add_argument("--baseline", type=Path, default=ROOT / "bench" / "accuracy_results.json",
                         help="accuracy.py's results: the template's rows are the U-Net column")
     parser.add_argument("--speed", action="store_true", help="also measure prediction megapixels/s")
@@ -145,9 +148,9 @@ def main() -> None:
     unknown = [n for n in names if n not in SETS]
     if unknown:
         sys.exit(f"error: --sets: unknown set {unknown[0]!r} (choose from {', '.join(SETS)})")
-    unknown = [a for a in archs if a not in ORDER[1:]]
+    unknown = [a for a in archs if a not in ORDER]
     if unknown:
-        sys.exit(f"error: --archs: unknown architecture {unknown[0]!r} (choose from {', '.join(ORDER[1:])})")
+        sys.exit(f"error: --archs: unknown architecture {unknown[0]!r} (choose from {', '.join(ORDER)})")
     saved = json.loads(args.out.read_text()) if args.out and args.out.exists() else {"rows": [], "speed": {}}
     rows, speed = saved["rows"], saved["speed"]
     done = {(r["set"], r["seed"], r["arch"], r["steps"]) for r in rows}
@@ -173,7 +176,7 @@ def main() -> None:
             speed[first] = {"side": SPEED_SIDE, **speeds(runs, first, tmp, args.repeats)}
             if args.out:
                 args.out.write_text(json.dumps({"rows": rows, "speed": speed}, indent=2))
-    print(table(unet_rows(args.baseline, names, seeds, args.steps) + rows, speed))
+    print(table(unet_rows(args.baseline, names, seeds, args.steps, rows) + rows, speed))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean
                                     template_row("horses", 0, 0.1, minutes=15), template_row("ph2", 0, 0.5)]))  # fmt: skip
     unet = architectures.unet_rows(baseline, ["horses"], [0, 1], 100)
     assert [(r["arch"], r["seed"], r["iou"]) for r in unet] == [("unet", 0, 0.6), ("unet", 1, 0.7)]
+    trained_here = [{"set": "horses", "seed": 0, "arch": "unet", "steps": 100, "iou": 0.65}]
+    assert architectures.unet_rows(baseline, ["horses", "ph2"], [0], 100, trained_here) == [
+        {"set": "ph2", "seed": 0, "arch": "unet", "steps": 100, "train_seconds": 1000.0, "iou": 0.5}]  # horses' own U-Net stands
     rows = unet + [{"set": "horses", "seed": s, "arch": "refinenet_lw", "steps": 100, "train_seconds": 2000.0,
                     "iou": iou} for s, iou in ((0, 0.5), (1, 0.6))]  # fmt: skip
     lines = architectures.table(rows, {"horses": {"unet": 1.25, "refinenet_lw": 0.5}, "ph2": {"unet": 9.0}}).splitlines()
