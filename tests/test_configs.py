@@ -68,8 +68,8 @@ def test_shipped_configs_validate(name, tmp_path):
 
 
 def test_em_default_augmentation_only_turns_and_flips_and_strong_also_warps():
-    """On whole 512² ISBI slices (the crop is the slice), every `default` mask is one of the slice's 8 turns
-    and flips; `strong`, the bundled model's recipe, also warps them."""
+    """On whole 512² ISBI slices (the crop is the slice), every `default` mask (the bundled model's recipe)
+    is one of the slice's 8 turns and flips; `strong` also warps them."""
     config = ROOT / "configs" / "unet_isbi2012.yaml"
 
     def masks(augment: str, draws: int = 12):
@@ -78,7 +78,7 @@ def test_em_default_augmentation_only_turns_and_flips_and_strong_also_warps():
         ds = SegmentationDataset(train[:1], cfg.data, build_augmentation(cfg.data, seed=5))
         return ds.load(0)[1], [ds[0][1].numpy() for _ in range(draws)]
 
-    assert load_config(config).data.augment == "strong"
+    assert load_config(config).data.augment == "default"
     for augment, warped in (("default", False), ("strong", True)):
         mask, drawn = masks(augment)
         turns = [np.rot90(m, k) for m in (mask, mask.T) for k in range(4)]
@@ -136,10 +136,10 @@ def test_16bit_multichannel_tiff_with_percentile_normalisation(tmp_path):
 @pytest.mark.parametrize("given, dropped", [
     ("train.val_every=1", "val_every_steps"),
     ("train.val_every_minutes=5", "val_every_steps"),
-    ("train.steps=20", "epochs"),
+    ("train.epochs=20", "steps"),
 ])
 def test_an_override_of_one_cadence_or_budget_replaces_the_files_other(given, dropped):
-    """configs/unet_isbi2012.yaml validates every 100 steps and budgets in epochs; a --set of another
+    """configs/unet_isbi2012.yaml validates every 100 steps and budgets in optimiser steps; a --set of another
     cadence or budget is what the user asked for, not a conflict."""
     cfg = load_config(ROOT / "configs" / "unet_isbi2012.yaml", [given])
     key, _, value = given.partition("=")

@@ -144,7 +144,7 @@ def test_the_bundled_int8_model_passed_its_gate_and_runs_by_default():
 
     image = read_image(SAMPLES / "isbi_test_01.png")
     fp32 = Predictor.from_onnx(BUNDLED_MODEL, device="cpu", precision="fp32").predict(image).mask
-    assert (predictor.predict(image).mask == fp32).mean() > 0.98  # 98.9 % on this slice
+    assert (predictor.predict(image).mask == fp32).mean() > 0.98  # 99.8 % on this slice
 
 
 def test_seg_precision_is_checked_when_the_server_reads_it():

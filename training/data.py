@@ -167,7 +167,7 @@ def build_augmentation(data: DataConfig, seed: int = 0):
             A.HorizontalFlip(),
             A.VerticalFlip(),
         ]
-    if data.augment == "strong":  # the family, then a warp and brightness jitter: the bundled ISBI recipe (about 1,900 steps)
+    if data.augment == "strong":  # the family, then a warp and brightness jitter (the bundled ISBI recipe until 2026-12-05)
         steps += [
             A.ElasticTransform(alpha=30, sigma=5, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
