@@ -66,12 +66,13 @@ def complete(job: dict, tmp: Path) -> dict:
 
 
 def unet_rows(baseline: Path, names: list[str], seeds: list[int], steps: int, rows: list[dict] = ()) -> list[dict]:
-    """The template's rows of accuracy.py's results, as U-Net rows, for the sets that `rows` has no U-Net of."""
+    """The template's rows of accuracy.py's results (of today's template, not a superseded one), as U-Net rows,
+    for the sets that `rows` has no U-Net of."""
     own = {r["set"] for r in rows if r["arch"] == "unet"}
     template = json.loads(baseline.read_text()) if baseline.exists() else []
     return [{"set": r["set"], "seed": r["seed"], "arch": "unet", "steps": r["steps"], **r["seg"]}
             for r in template if r["set"] in names and r["set"] not in own and r["seed"] in seeds
-            and r["steps"] == steps and not r["minutes"]]  # fmt: skip
+            and r["steps"] == steps and not r["minutes"] and not r.get("superseded")]  # fmt: skip
 
 
 def speed_image(name: str) -> np.ndarray:

@@ -106,10 +106,12 @@ def test_architecture_table_takes_the_unet_from_the_template_rows_and_gives_mean
 
     baseline = tmp_path / "accuracy.json"
     baseline.write_text(json.dumps([template_row("horses", 0, 0.6), template_row("horses", 1, 0.7),
-                                    template_row("horses", 0, 0.1, minutes=15), template_row("ph2", 0, 0.5)]))  # fmt: skip
+                                    template_row("horses", 0, 0.1, minutes=15), template_row("ph2", 0, 0.5),
+                                    {**template_row("ph2", 1, 0.2), "superseded": "an older template"}]))  # fmt: skip
     unet = architectures.unet_rows(baseline, ["horses"], [0, 1], 100)
     assert [(r["arch"], r["seed"], r["iou"]) for r in unet] == [("unet", 0, 0.6), ("unet", 1, 0.7)]
     trained_here = [{"set": "horses", "seed": 0, "arch": "unet", "steps": 100, "iou": 0.65}]
+    assert architectures.unet_rows(baseline, ["ph2"], [1], 100) == []  # not today's template
     assert architectures.unet_rows(baseline, ["horses", "ph2"], [0], 100, trained_here) == [
         {"set": "ph2", "seed": 0, "arch": "unet", "steps": 100, "train_seconds": 1000.0, "iou": 0.5}]  # horses' own U-Net stands
     rows = unet + [{"set": "horses", "seed": s, "arch": "refinenet_lw", "steps": 100, "train_seconds": 2000.0,
@@ -158,3 +160,26 @@ def test_one_tile_bench_runs_both_grids_side_by_side(tmp_path):
     assert small["tiles"] == [1, 4] and control["tiles"] == [9, 9]  # 1024² and its margin fit no batch of 4
     assert small["agreement"] > 0.98 and control["agreement"] == 1.0
     assert small["one_tile_s"] > 0 and small["tiled_s"] > 0
+
+
+def test_learning_curves_take_todays_template_and_the_bare_loop_at_each_budget(tmp_path):
+    def row(seed, iou, bare, steps=100, minutes=None, extra=(), **more):
+        return {"set": "horses", "seed": seed, "steps": steps, "minutes": minutes, "overrides": [
+                f"train.seed={seed}", "train.threads=1", *extra], "seg": {"iou": iou},
+                "bare": None if bare is None else {"iou": bare}, **more}  # fmt: skip
+
+    rows = [row(0, 0.60, 0.40), row(1, 0.62, None), row(0, 0.70, 0.60, 320, 15.0), row(1, 0.74, 0.62, 316, 15.0),
+            row(0, 0.80, None, 640, 30.0), row(1, 0.78, None, 650, 30.0),
+            row(0, 0.10, 0.20, 300, 15.0, ["data.kind=em"]), row(1, 0.30, 0.45, superseded="the old default")]
+    results = tmp_path / "rows.json"
+    results.write_text(json.dumps(rows))
+    out = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "curves.py"), "--results", str(results), "--sets", "horses",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[2:] == [
+        "| horses | 100 steps | 2 | 100 | 0.610 ± 0.014 | 0.425 ± 0.035 |",  # seed 1's bare loop from the older row
+        "| horses | 15 min | 2 | 318 | 0.720 ± 0.028 | 0.610 ± 0.014 |",
+        "| horses | 30 min | 2 | 645 | 0.790 ± 0.014 |  |",
+    ]
+    assert Image.open(out).size[0] > 300
