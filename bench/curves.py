@@ -1,7 +1,8 @@
 """Learning curves of the config template on the real sets: test IoU against optimiser steps at each budget
 measured (`bench/accuracy.py`'s rows: 100 steps, 15 and 30 minutes on 2 CPU cores), the bare smp loop
 beside it where it ran. Rows of a template other than today's (extra `--set` overrides, or marked
-"superseded") are left out; at a step budget the bare loop's rows of any template count. Prints the table and draws one panel a set.
+"superseded") are left out, but at a step budget their bare loops stand in for a template-only row's.
+Prints the table and draws one panel a set.
 
     python bench/curves.py --sets lucchi_pp,horses --out bench/learning_curves.png
 """
