@@ -6,6 +6,7 @@ objects (blobs around cell centres, under 10% of the pixels)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,29 @@ def test_the_templates_auto_foreground_crops_is_the_plans(sets, tmp_path, kind, 
     assert result.exit_code == 0, result.output
     assert f"data.foreground_crops auto: {expected:g}" in result.stderr
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["foreground_crops"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("image_name, mask_name", [
+    ("{i}_training.png", "{i}_manual1.png"),  # DRIVE: both named with a suffix of their own
+    ("ISIC_{i:07d}.jpg", "ISIC_{i:07d}_segmentation.png"),  # ISIC: the mask is the image's name plus a suffix
+])  # fmt: skip
+def test_masks_named_with_a_shared_suffix_pair_with_their_images(tmp_path, image_name, mask_name):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i, image, label in isbi_crops(count=4, size=128):
+        side = 64 + 16 * i  # a wrong pairing would be a size mismatch
+        Image.fromarray(image[:side, :side]).convert("RGB").save(tmp_path / "images" / image_name.format(i=i + 21))
+        Image.fromarray(label[:side, :side]).save(tmp_path / "masks" / mask_name.format(i=i + 21))
+    out = tmp_path / "plan.yaml"
+    result = runner.invoke(app, ["plan", str(tmp_path), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    check = runner.invoke(app, ["data", "check", str(out), "--json"])
+    assert check.exit_code == 0, check.output
+    report = json.loads(check.stdout)
+    assert report["problems"] == []
+    assert sum(split["images"] for split in report["splits"].values()) == 4
+
+    (tmp_path / "masks" / mask_name.format(i=22)).unlink()  # one image without its mask
+    result = runner.invoke(app, ["plan", str(tmp_path), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert f"{image_name.format(i=22)}: no mask with stem" in result.stderr

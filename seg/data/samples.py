@@ -9,6 +9,7 @@ No torch here: the torch data set is `training.data.SegmentationDataset`.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,21 +69,50 @@ def _pairs(root: Path, images: str, masks: str) -> dict[str, Sample]:
     for folder, key in ((image_dir, "data.images"), (mask_dir, "data.masks")):
         if not folder.is_dir():
             raise DataError(f"{key}: no such folder {folder}")
-    masks_by_stem = {p.stem: p for p in sorted(mask_dir.rglob("*")) if is_image_file(p)}
+    mask_files = [p for p in sorted(mask_dir.rglob("*")) if is_image_file(p)]
+    masks_by_stem = {p.stem: p for p in mask_files}
+    images = [p for p in sorted(image_dir.rglob("*")) if is_image_file(p)]
+    if not images:
+        raise DataError(f"data.images: no images in {image_dir}")
+    by_suffix = _matched_by_suffix(images, mask_files) if any(p.stem not in masks_by_stem for p in images) else {}
     pairs = {}
-    for image in sorted(image_dir.rglob("*")):
-        if not is_image_file(image):
-            continue
+    for image in images:
         name = str(image.relative_to(image_dir).with_suffix(""))
         mask = mask_dir / Path(name).parent / masks_by_stem.get(image.stem, Path("")).name
         if not mask.is_file():
-            mask = masks_by_stem.get(image.stem)
+            mask = masks_by_stem.get(image.stem) or by_suffix.get(image)
         if mask is None:
             raise DataError(f"{image}: no mask with stem {image.stem!r} in {mask_dir}")
         pairs[name] = Sample(name, image, mask)
-    if not pairs:
-        raise DataError(f"data.images: no images in {image_dir}")
     return pairs
+
+
+def shared_ending(stems: list[str]) -> str:
+    """The ending all stems share, from a separator (_ - . or space) on: DRIVE's '_manual1' of '21_manual1'
+    and '22_manual1', ISIC's '_segmentation'; '' when they share none."""
+    common = os.path.commonprefix([s[::-1] for s in stems])[::-1]
+    cut = next((i for i, c in enumerate(common) if c in "_-. "), None)
+    return "" if cut is None else common[cut:]
+
+
+def _matched_by_suffix(images: list[Path], masks: list[Path]) -> dict[Path, Path]:
+    """Masks named as their images plus a suffix all masks share (ISIC's 'ISIC_0000000_segmentation'), or
+    both named with a suffix of their own (DRIVE's '21_training' and '21_manual1'): the images that pair
+    up so, one mask each, by whichever naming pairs more of them."""
+    if not masks:
+        return {}
+    image_end, mask_end = shared_ending([p.stem for p in images]), shared_ending([p.stem for p in masks])
+    keys: dict[str, Path | None] = {}
+    for mask in masks:
+        key = mask.stem[: len(mask.stem) - len(mask_end)]
+        keys[key] = None if key in keys or not key else mask  # an ambiguous key pairs with nothing
+    best: dict[Path, Path] = {}
+    for image_cut in dict.fromkeys([image_end, ""]):  # DRIVE's naming, then ISIC's
+        found = {image: keys.get(image.stem[: len(image.stem) - len(image_cut)]) for image in images}
+        found = {image: mask for image, mask in found.items() if mask is not None}
+        if len(found) > len(best) and len(set(found.values())) == len(found):
+            best = found
+    return best
 
 
 def _folder_samples(data: DataConfig) -> tuple[list[Sample], list[Sample]]:
