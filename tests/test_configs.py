@@ -148,3 +148,37 @@ def test_an_override_of_one_cadence_or_budget_replaces_the_files_other(given, dr
     both = ["train.val_every=1", "train.val_every_steps=10"]  # two cadences given at once are still refused
     with pytest.raises(Exception, match="set one of val_every, val_every_steps"):
         load_config(ROOT / "configs" / "unet_isbi2012.yaml", both)
+
+
+@pytest.mark.parametrize("augment", ["none", "default"])
+def test_crops_cut_before_normalising_are_the_crops_of_the_normalised_image(tmp_path, augment):
+    """The built-in families pad and crop the image as read, then normalise the crop with the whole image's
+    percentiles: bit for bit the crop of the normalised image (ISBI slices as narrow-band 16-bit TIFFs)."""
+    from conftest import ISBI
+
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(2):
+        image = np.asarray(Image.open(ISBI / "images" / f"{i:02d}.png"))[:200, :300]
+        tifffile.imwrite(root / "images" / f"s{i}.tif", image.astype(np.uint16) * 3 + 700)
+        Image.fromarray(np.asarray(Image.open(ISBI / "labels" / f"{i:02d}.png"))[:200, :300]).save(root / "masks" / f"s{i}.png")
+    cfg = load_config(ROOT / "configs" / "custom_folder.yaml", [
+        f"data.root={root}", "data.crop_size=128", f"data.augment={augment}", "data.val_fraction=0", "data.foreground_crops=0"])  # fmt: skip
+    train, _ = find_samples(cfg.data)
+    ds = SegmentationDataset(train, cfg.data, build_augmentation(cfg.data, seed=2))
+    assert ds.crop_first and cfg.data.normalize.mode == "auto"
+    whole = normalize(ds.load(1)[0], cfg.data.normalize, channels_first=True)
+    for seed in range(6):
+        ds.set_random_seed(seed)
+        x, y = ds[1]
+        crop = x[0].numpy()
+        turned = [np.rot90(v, k) for v in (crop, crop.T) for k in range(4)] if augment == "default" else [crop]
+        assert crop.shape == (128, 128) and any(is_window_of(whole[0], v) for v in turned)
+
+
+def is_window_of(image: np.ndarray, crop: np.ndarray) -> bool:
+    """Whether `crop` is, bit for bit, a window of `image`."""
+    h, w = crop.shape
+    rows, cols = np.nonzero(image[: image.shape[0] - h + 1, : image.shape[1] - w + 1] == crop[0, 0])
+    return any(np.array_equal(image[r : r + h, c : c + w], crop) for r, c in zip(rows, cols))

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from seg.config import BorderWeight, DataConfig
 from seg.data.samples import Sample, load_pair
 from seg.errors import DataError
-from seg.inference.preprocess import normalize
+from seg.inference.preprocess import intensity_range, normalize
 
 
 def border_weight_map(
@@ -77,6 +77,16 @@ class SegmentationDataset(Dataset):
         self.data = data
         self.transform = transform
         self.cache = cache or {}
+        self.ranges: dict[int, tuple[float, float]] = {}  # each image's intensity range, computed once
+        # The built-in families start with a reflecting pad and a crop, which commute with normalisation:
+        # those two run on the image as read, and only the crop is normalised (a fraction of the pixels).
+        self.crop_first = transform is not None and isinstance(data.augment, str) and data.format != "voc"
+        if self.crop_first:
+            import albumentations as A
+
+            seed, targets = getattr(transform, "seed", None), {"weights": "mask"}
+            self.lead = A.Compose(transform.transforms[:2], additional_targets=targets, seed=seed)
+            self.rest = A.Compose(transform.transforms[2:], additional_targets=targets, seed=seed)
         self.weight_maps: dict[str, np.ndarray] = {}
         if border_weight is not None:
             for i, sample in enumerate(samples):
@@ -97,13 +107,29 @@ class SegmentationDataset(Dataset):
         for i in range(len(self)):
             yield self.load(i)[1]
 
+    def set_random_seed(self, seed: int) -> None:
+        """Seed the augmentation (both its parts when the crop runs first)."""
+        if self.crop_first:
+            self.lead.set_random_seed(seed)
+            self.rest.set_random_seed(seed ^ 0x5EED)  # its own stream, not the crop's
+        elif self.transform is not None:
+            self.transform.set_random_seed(seed)
+
     def __getitem__(self, index: int):
         image, mask = self.load(index)
         weights = self.weight_maps.get(self.samples[index].name)
-        x = normalize(image, self.data.normalize, channels_first=False)
-        if self.transform is not None:
-            extra = {} if weights is None else {"weights": weights}
-            out = self.transform(image=x, mask=mask, **extra)
+        extra = {} if weights is None else {"weights": weights}
+        value_range = self.ranges.get(index)
+        if value_range is None:
+            value_range = self.ranges[index] = intensity_range(image, self.data.normalize)
+        transform = self.transform
+        if self.crop_first:
+            out = self.lead(image=image, mask=mask, **extra)
+            image, mask, extra = out["image"], out["mask"], {k: out[k] for k in extra}
+            transform = self.rest
+        x = normalize(image, self.data.normalize, value_range, channels_first=False)
+        if transform is not None:
+            out = transform(image=x, mask=mask, **extra)
             x, mask, weights = out["image"], out["mask"], out.get("weights")
         x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
         y = torch.from_numpy(np.ascontiguousarray(mask)).long()

@@ -101,8 +101,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        if self.dataset.transform is not None:
-            self.dataset.transform.set_random_seed(seed)
+        self.dataset.set_random_seed(seed)
         return self.dataset[index]
 
 
