@@ -161,10 +161,12 @@ def test_crops_cut_before_normalising_are_the_crops_of_the_normalised_image(tmp_
     (root / "masks").mkdir()
     for i in range(2):
         image = np.asarray(Image.open(ISBI / "images" / f"{i:02d}.png"))[:200, :300]
+        label = np.asarray(Image.open(ISBI / "labels" / f"{i:02d}.png"))[:200, :300]
         tifffile.imwrite(root / "images" / f"s{i}.tif", image.astype(np.uint16) * 3 + 700)
-        Image.fromarray(np.asarray(Image.open(ISBI / "labels" / f"{i:02d}.png"))[:200, :300]).save(root / "masks" / f"s{i}.png")
+        Image.fromarray(label).save(root / "masks" / f"s{i}.png")
     cfg = load_config(ROOT / "configs" / "custom_folder.yaml", [
-        f"data.root={root}", "data.crop_size=128", f"data.augment={augment}", "data.val_fraction=0", "data.foreground_crops=0"])  # fmt: skip
+        f"data.root={root}", "data.crop_size=128", f"data.augment={augment}", "data.val_fraction=0",
+        "data.foreground_crops=0"])  # fmt: skip
     train, _ = find_samples(cfg.data)
     ds = SegmentationDataset(train, cfg.data, build_augmentation(cfg.data, seed=2))
     assert ds.crop_first and cfg.data.normalize.mode == "auto"
