@@ -87,7 +87,7 @@ def _pairs(root: Path, images: str, masks: str) -> dict[str, Sample]:
     return pairs
 
 
-def shared_ending(stems: list[str]) -> str:
+def _shared_ending(stems: list[str]) -> str:
     """The ending all stems share, from a separator (_ - . or space) on: DRIVE's '_manual1' of '21_manual1'
     and '22_manual1', ISIC's '_segmentation'; '' when they share none."""
     common = os.path.commonprefix([s[::-1] for s in stems])[::-1]
@@ -101,7 +101,7 @@ def _matched_by_suffix(images: list[Path], masks: list[Path]) -> dict[Path, Path
     up so, one mask each, by whichever naming pairs more of them."""
     if not masks:
         return {}
-    image_end, mask_end = shared_ending([p.stem for p in images]), shared_ending([p.stem for p in masks])
+    image_end, mask_end = _shared_ending([p.stem for p in images]), _shared_ending([p.stem for p in masks])
     keys: dict[str, Path | None] = {}
     for mask in masks:
         key = mask.stem[: len(mask.stem) - len(mask_end)]
