@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from accuracy import BIN, DATA, SETS, finish, headline, start, step_overrides, template_config  # noqa: E402
+from accuracy import BIN, DATA, SETS, finish, headline, spread, start, step_overrides, template_config  # noqa: E402
 from seg.models import ARCHS as REGISTERED  # noqa: E402
 
 ARCHS = ("refinenet", "refinenet_lw")  # the default --archs
@@ -105,12 +104,6 @@ def speeds(runs: dict[str, Path], name: str, tmp: Path, repeats: int) -> dict[st
             predictor.predict(image)
             best[arch] = min(best[arch], time.perf_counter() - began)
     return {arch: round(SPEED_SIDE**2 / 1e6 / seconds, 3) for arch, seconds in best.items()}
-
-
-def spread(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(rows: list[dict], speed: dict[str, dict]) -> str:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from accuracy import spread  # noqa: E402
+
 RESULTS = [ROOT / "bench" / "accuracy_results.json", ROOT / "bench" / "accuracy_ablations.json"]
 RUN_ONLY = ("train.seed=", "train.threads=", "train.time_limit_minutes=", "train.steps=")  # not a recipe
 
@@ -44,20 +49,12 @@ def points(rows: list[dict], name: str) -> list[dict]:
     return sorted(out, key=lambda p: p["steps"])
 
 
-def spread(values: list[float]) -> str:
-    if not values:
-        return ""
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(curves: dict[str, list[dict]]) -> str:
     lines = ["| set | budget | seeds | steps | template IoU | bare loop IoU |", "|---|---|---:|---:|---:|---:|"]
     for name, pts in curves.items():
         for p in pts:
             lines.append(f"| {name} | {p['budget']} | {len(p['seeds'])} | {p['steps']:.0f} | {spread(p['template'])} |"
-                         f" {spread(p['bare'])} |")
+                         f" {spread(p['bare']) if p['bare'] else ''} |")
     return "\n".join(lines)
 
 
