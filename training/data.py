@@ -78,9 +78,8 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.cache = cache or {}
         self.ranges: dict[int, tuple[float, float]] = {}  # each image's intensity range, computed once
-        # The built-in families start with a reflecting pad and a crop, which commute with normalisation:
-        # those two run on the image as read, and only the crop is normalised (a fraction of the pixels).
-        self.crop_first = transform is not None and isinstance(data.augment, str) and data.format != "voc"
+        # A pad and crop that lead the pipeline run on the image as read, and only the crop is normalised.
+        self.crop_first = transform is not None and crop_leads(data)
         if self.crop_first:
             import albumentations as A
 
@@ -199,3 +198,9 @@ def build_augmentation(data: DataConfig, seed: int = 0):
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
         ]
     return A.Compose(steps, seed=seed, additional_targets={"weights": "mask"})
+
+
+def crop_leads(data: DataConfig) -> bool:
+    """Whether `build_augmentation`'s first two steps are a reflecting pad and a crop, which commute with
+    normalisation: every built-in family's but VOC's (which scales first and pads with a constant)."""
+    return isinstance(data.augment, str) and data.format != "voc"
