@@ -73,22 +73,31 @@ def batch(pairs, size: int, rng: np.random.Generator, n: int = 8):
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
+def build(encoder: str, channels: int, classes: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = smp.Unet(encoder, encoder_weights=None, in_channels=channels, classes=classes).to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y, ignore_index=255)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def run(train: Path, test: Path, classes: int, channels: int, steps: int, encoder: str = "resnet34",
         crop: int = 256, seed: int = 0, batch_size: int = 8) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    model = smp.Unet(encoder, encoder_weights=None, in_channels=channels, classes=classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, optimizer = build(encoder, channels, classes, device)
     pairs = load(train, channels, classes)
     model.train()
     for _ in range(steps):
         x, y = (t.to(device) for t in batch(pairs, crop, rng, batch_size))
-        loss = F.cross_entropy(model(x), y, ignore_index=255)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss = step(model, optimizer, x, y)
     train_seconds = time.perf_counter() - start
     model.eval()
     conf = ConfusionMatrix(classes, 255)

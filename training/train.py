@@ -19,6 +19,7 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +139,7 @@ class Trainer:
             + (f" on each of {self.dist.world} processes" if self.dist.enabled else "")
             + (f", time limit {t.time_limit_minutes:g} min" if budget else "")
         )  # fmt: skip
-        sampler = SeededSampler(
-            len(self.train_set), t.batch_size, t.accumulate, self.steps_per_epoch, self.total_steps, t.seed, self.step,
-            self.dist.rank, self.dist.world,
-        )  # fmt: skip
-        loader = DataLoader(
-            SeededSamples(self.train_set), batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=t.num_workers > 0,
-            generator=torch.Generator().manual_seed(t.seed),  # leaves the global generator alone
-        )  # fmt: skip
-        batches = iter(loader)  # one pass covers the whole run: workers start once
+        batches = self.batches()
         since_row, since_epoch = Meter(), Meter()
         self.call("on_train_start")
         bar = None
@@ -186,12 +178,26 @@ class Trainer:
             bar.stop()
         if not self.history or self.history[-1]["step"] < self.step:
             self._validate(since_row)  # at the end, a time limit or a stop
-        del batches, loader
+        del batches  # stops the data loader's workers
         self.call("on_train_end")
         if self.dist.is_main:
             self.finish()
         self.dist.close()
         return self.run_dir
+
+    def batches(self) -> Iterator:
+        """The training batches from step `self.step` to the end: one pass, so the workers start once."""
+        t = self.cfg.train
+        sampler = SeededSampler(
+            len(self.train_set), t.batch_size, t.accumulate, self.steps_per_epoch, self.total_steps, t.seed, self.step,
+            self.dist.rank, self.dist.world,
+        )  # fmt: skip
+        loader = DataLoader(
+            SeededSamples(self.train_set), batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=t.num_workers > 0,
+            generator=torch.Generator().manual_seed(t.seed),  # leaves the global generator alone
+        )  # fmt: skip
+        return iter(loader)
 
     @property
     def lr(self) -> float:
