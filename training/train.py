@@ -73,7 +73,7 @@ class Trainer:
         self.device = self.dist.device(pick_device(cfg.train.device))
         self.dist.setup(self.device)
         self.amp = amp_dtype(cfg.train.amp, self.device)
-        self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else self.device.type == "cuda"
+        self.channels_last = cfg.train.channels_last is not False  # by default on: faster on CUDA and on CPUs
 
         self.train_samples, self.val_samples, self.train_set, self.val_set, survey = load_data(cfg, self.log)
         self.augment = self.train_set.transform
