@@ -51,16 +51,17 @@ def compare(name: str, rounds: int, block: int, seed: int = 0) -> dict:
         trainer = Trainer(load_config(config, [*step_overrides(steps), f"train.seed={seed}"]))
         waits: list[float] = []
         batches = timed(trainer.batches(), waits)
+        cfg = trainer.cfg  # the bare loop gets the template's encoder, classes, crop and batch
         torch.manual_seed(seed)
-        model, optimizer = bare_loop.build("resnet34", channels, 2, "cpu")
-        pairs = bare_loop.load(DATA / name / "train", channels, 2)
+        model, optimizer = bare_loop.build(cfg.model.encoder, channels, cfg.data.num_classes, "cpu")
+        pairs = bare_loop.load(DATA / name / "train", channels, cfg.data.num_classes)
         rng = np.random.default_rng(seed)
 
         def seg_step() -> None:
             trainer._train_step(batches, None)
 
         def bare_step() -> None:
-            bare_loop.step(model, optimizer, *bare_loop.batch(pairs, trainer.cfg.data.crop_size, rng))
+            bare_loop.step(model, optimizer, *bare_loop.batch(pairs, cfg.data.crop_size, rng, cfg.train.batch_size))
 
         times: dict[str, list[float]] = {"seg": [], "bare": []}
         seg_step(), bare_step()  # warm-up, not counted
